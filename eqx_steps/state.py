@@ -1,0 +1,270 @@
+"""The immutable training state and how a model is applied to a batch."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, Int, PRNGKeyArray, PyTree
+
+
+BATCH_AXIS = "batch"
+"""Name of the per-example `vmap` axis inside a device (the Equinox convention)."""
+
+DEVICE_AXIS = "device"
+"""Name of the data-parallel device axis of the parallel steps."""
+
+
+def per_example(
+    model: PyTree,
+    model_state: eqx.nn.State | None,
+    x: PyTree[Array],
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[PyTree[Array], eqx.nn.State | None]:
+    """Apply `model` to each example of a per-device batch (the default `forward`).
+
+    The model is `jax.vmap`-ed over the leading axis of `x` with axis name
+    `"batch"` (`eqx_steps.BATCH_AXIS`), so an `eqx.nn.BatchNorm(axis_name="batch")`
+    computes statistics over the examples of this device. The model is called as
+    `model(x_i, model_state, key=k_i)`, leaving out `model_state` when it is `None`
+    and `key` when it is `None`; each example gets its own key, split from `key`.
+
+    **Arguments:**
+
+    - `model`: an Equinox model taking one example.
+    - `model_state`: an `eqx.nn.State` (e.g. BatchNorm statistics), or `None`.
+    - `x`: the per-device batch, leading axis = examples.
+    - `key`: a PRNG key for stochastic layers (dropout), or `None`.
+    - `inference`: run the model under `eqx.nn.inference_mode`.
+
+    **Returns:**
+
+    A 2-tuple of the batched output and the updated `model_state` (unchanged in
+    inference mode, `None` when it was `None`).
+    """
+    if inference:
+        model = eqx.nn.inference_mode(model)
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    keys = None if key is None else jr.split(key, n)
+
+    def call(xi, ki, state):
+        kwargs = {} if ki is None else {"key": ki}
+        if state is None:
+            return model(xi, **kwargs), None
+        return model(xi, state, **kwargs)
+
+    key_axis = None if keys is None else 0
+    return jax.vmap(
+        call,
+        in_axes=(0, key_axis, None),
+        out_axes=(0, None),
+        axis_name=BATCH_AXIS,
+    )(x, keys, model_state)
+
+
+def whole_batch(
+    model: PyTree,
+    model_state: eqx.nn.State | None,
+    x: PyTree[Array],
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[PyTree[Array], eqx.nn.State | None]:
+    """Apply `model` to the whole per-device batch at once.
+
+    For models written for batches (e.g. a model that vmaps itself). The model is
+    called as `model(x, model_state, key=key)`, leaving out `model_state` and
+    `key` when they are `None`.
+
+    **Arguments:** as for [`eqx_steps.per_example`][].
+
+    **Returns:**
+
+    A 2-tuple of the output and the updated `model_state`.
+    """
+    if inference:
+        model = eqx.nn.inference_mode(model)
+    kwargs = {} if key is None else {"key": key}
+    if model_state is None:
+        return model(x, **kwargs), None
+    return model(x, model_state, **kwargs)
+
+
+class TrainState(eqx.Module):
+    """Everything that changes during training, as one immutable PyTree.
+
+    Holds the step counter, the Equinox model, its `eqx.nn.State` (e.g. BatchNorm
+    statistics), the optimizer state and an optional PRNG key; the optimizer `tx`,
+    the model-calling convention `forward` and the `trainable` filter are static.
+    Only the leaves selected by `trainable` are optimised and have optimizer state;
+    all other leaves never change. Build one with [`eqx_steps.TrainState.create`][].
+
+    Attribute assignment raises; use [`eqx_steps.TrainState.replace`][].
+    """
+
+    step: Int[Array, ""]
+    model: PyTree
+    model_state: eqx.nn.State | None
+    opt_state: optax.OptState
+    key: PRNGKeyArray | None
+    tx: optax.GradientTransformation = eqx.field(static=True)
+    forward: Callable = eqx.field(static=True)
+    trainable: Any = eqx.field(static=True)
+
+    @classmethod
+    def create(
+        cls,
+        model: PyTree,
+        tx: optax.GradientTransformation,
+        *,
+        model_state: eqx.nn.State | None = None,
+        key: PRNGKeyArray | None = None,
+        forward: Callable = per_example,
+        trainable: Any = eqx.is_inexact_array,
+    ) -> TrainState:
+        """Create the initial state of a training run (step 0).
+
+        **Arguments:**
+
+        - `model`: the initialised Equinox model.
+        - `tx`: the optax optimizer. Build it once and reuse it: a new optax object
+            is a new static value and makes the steps recompile.
+        - `model_state`: the model's `eqx.nn.State` (from `eqx.nn.make_with_state`),
+            or `None` for a stateless model.
+        - `key`: a PRNG key for stochastic layers; each step, device and example
+            gets its own key derived from it. `None` passes no key to the model.
+        - `forward`: how the model is applied to a per-device batch:
+            [`eqx_steps.per_example`][] (default) or [`eqx_steps.whole_batch`][], or
+            any function with their signature.
+        - `trainable`: an Equinox filter spec selecting the optimised leaves
+            (a callable on leaves, or a PyTree of bools); default
+            `eqx.is_inexact_array`.
+
+        **Returns:**
+
+        A `TrainState` with `step` = 0 (an `int32` array) and `tx.init` of the
+        trainable leaves.
+        """
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"`tx` must be an optax.GradientTransformation, got {type(tx).__name__}"
+                "; build one with e.g. `optax.adam(1e-3)`."
+            )
+        if not callable(forward):
+            raise TypeError(f"`forward` must be callable, got {forward!r}.")
+        if key is not None and not (
+            isinstance(key, jax.Array)
+            and (
+                jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+                or (key.dtype == jnp.uint32 and key.shape == (2,))
+            )
+        ):
+            raise TypeError(
+                f"`key` must be a PRNG key (jax.random.key(seed)) or None, got {key!r}."
+            )
+        params = eqx.filter(model, trainable)
+        return cls(
+            step=jnp.zeros((), jnp.int32),
+            model=model,
+            model_state=model_state,
+            opt_state=tx.init(params),
+            key=key,
+            tx=tx,
+            forward=forward,
+            trainable=trainable,
+        )
+
+    @property
+    def params(self) -> PyTree:
+        """The trainable leaves of the model (`eqx.filter(model, trainable)`)."""
+        return eqx.filter(self.model, self.trainable)
+
+    def apply_gradients(self, grads: PyTree, **changes: Any) -> TrainState:
+        """Apply one optimizer update and advance `step` by one.
+
+        **Arguments:**
+
+        - `grads`: gradients with the structure of `self.params` (non-trainable
+            leaves `None`).
+        - `**changes`: other fields to replace at the same time (e.g.
+            `model_state=...`).
+
+        **Returns:**
+
+        The new state.
+        """
+        updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+        model = eqx.apply_updates(self.model, updates)
+        return self.replace(
+            step=self.step + 1, model=model, opt_state=opt_state, **changes
+        )
+
+    def replace(self, **changes: Any) -> TrainState:
+        """A copy of this state with the given fields replaced.
+
+        **Arguments:**
+
+        - `**changes`: field names and their new values.
+
+        **Returns:**
+
+        The new state.
+        """
+        return dataclasses.replace(self, **changes)
+
+
+_OPTIMIZERS = ("SGD", "ADAM", "ADAMW")
+
+
+def create_basic_train_state(
+    config: Mapping[str, Any],
+    model: PyTree,
+    learning_rate_fn: optax.Schedule | float,
+    *,
+    model_state: eqx.nn.State | None = None,
+    key: PRNGKeyArray | None = None,
+) -> TrainState:
+    """Create a `TrainState` with the optimizer named in a SCICO-style config.
+
+    As SCICO's `create_basic_train_state`: `config["opt_type"]` picks `"SGD"`
+    (with Nesterov momentum when `config` has `"momentum"`), `"ADAM"` (the default
+    when the key is absent) or `"ADAMW"`. An Equinox model arrives initialised, so
+    SCICO's key and input-shape arguments are not needed.
+
+    **Arguments:**
+
+    - `config`: a mapping with optional keys `"opt_type"` and `"momentum"`.
+    - `model`: the initialised Equinox model.
+    - `learning_rate_fn`: an optax schedule (or a constant learning rate).
+    - `model_state`: the model's `eqx.nn.State`, or `None`.
+    - `key`: a PRNG key for stochastic layers, or `None`.
+
+    **Returns:**
+
+    The initial `TrainState`.
+    """
+    opt_type = config.get("opt_type", "ADAM")
+    if opt_type == "SGD":
+        if config.get("momentum") is not None:
+            tx = optax.sgd(learning_rate_fn, momentum=config["momentum"], nesterov=True)
+        else:
+            tx = optax.sgd(learning_rate_fn)
+    elif opt_type == "ADAM":
+        tx = optax.adam(learning_rate_fn)
+    elif opt_type == "ADAMW":
+        tx = optax.adamw(learning_rate_fn)
+    else:
+        raise ValueError(
+            f"config['opt_type'] = {opt_type!r} is not a known optimizer; use one of "
+            f"{', '.join(map(repr, _OPTIMIZERS))}, or build an optax optimizer and "
+            "call `TrainState.create(model, tx)`."
+        )
+    return TrainState.create(model, tx, model_state=model_state, key=key)

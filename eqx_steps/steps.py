@@ -1,0 +1,272 @@
+"""Pure per-device step functions: `train_step`, `train_step_post`, `eval_step`.
+
+They know nothing about loops, files or devices except the collective axis name
+they are given; `axis_name=None` means no collective (one device, or `jit` over a
+sharded batch). The parallel wrappers in `eqx_steps.parallel` run them on every
+device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
+
+from .state import TrainState
+
+
+AxisName = Hashable | Sequence[Hashable] | None
+Batch = Mapping[str, Any]
+Metrics = dict[str, Scalar]
+Criterion = Callable[[Array, Array], Scalar]
+MetricsFn = Callable[[Array, Array, Criterion], Mapping[str, Scalar]]
+PostFn = Callable[[PyTree], PyTree]
+
+
+def check_batch(batch: Any, argname: str = "batch") -> None:
+    """Raise a clear error unless `batch` is a mapping with "image" and "label"."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"`{argname}` must be a dict with keys 'image' and 'label', got "
+            f"{type(batch).__name__}; build batches as "
+            "{'image': inputs, 'label': targets}."
+        )
+    missing = [k for k in ("image", "label") if k not in batch]
+    if missing:
+        raise ValueError(
+            f"`{argname}` has keys {sorted(batch)} but lacks {missing}; the steps read "
+            "batch['image'] (input) and batch['label'] (target): rename your keys."
+        )
+
+
+def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
+    """`lax.pmean` over `axis_name`, or the identity when it is `None`."""
+    if axis_name is None:
+        return tree
+    return jax.lax.pmean(tree, axis_name)
+
+
+def mean_model_state(
+    model_state: eqx.nn.State | None, axis_name: AxisName
+) -> eqx.nn.State | None:
+    """Average the floating-point leaves of `model_state` over `axis_name`.
+
+    Integer leaves (counters) are equal on every device and are left as they are.
+    """
+    if model_state is None or axis_name is None:
+        return model_state
+    return jax.tree_util.tree_map(
+        lambda x: jax.lax.pmean(x, axis_name) if eqx.is_inexact_array(x) else x,
+        model_state,
+    )
+
+
+def _step_key(state: TrainState, axis_name: AxisName) -> PRNGKeyArray | None:
+    # One key per (step, device); `forward` splits it per example. Derived, not
+    # carried, so a resumed run draws exactly the same keys.
+    if state.key is None:
+        return None
+    key = jr.fold_in(state.key, state.step)
+    if axis_name is not None:
+        key = jr.fold_in(key, jax.lax.axis_index(axis_name))
+    return key
+
+
+def _is_injected(s: Any) -> bool:
+    # optax.inject_hyperparams states (InjectHyperparamsState and its stateful
+    # variant) carry a `hyperparams` dict.
+    return isinstance(getattr(s, "hyperparams", None), dict)
+
+
+def _injected_learning_rate(opt_state: optax.OptState) -> Scalar:
+    found = [
+        s.hyperparams["learning_rate"]
+        for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected)
+        if _is_injected(s) and "learning_rate" in s.hyperparams
+    ]
+    if not found:
+        raise ValueError(
+            "`learning_rate_fn` is None but the optimizer state holds no injected "
+            "learning rate; pass the schedule as `learning_rate_fn`, or build the "
+            "optimizer with `optax.inject_hyperparams(optax.adam)(learning_rate=...)`."
+        )
+    return jnp.asarray(found[0], jnp.float32)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    learning_rate_fn: optax.Schedule | None,
+    criterion: Criterion,
+    metrics_fn: MetricsFn,
+    *,
+    axis_name: AxisName = "device",
+) -> tuple[TrainState, Metrics]:
+    """One optimisation step on one device's share of a batch.
+
+    Computes `criterion(output, batch["label"])` with `output` from
+    `state.forward(model, model_state, batch["image"])`, its gradient with respect
+    to the trainable leaves, averages the gradients over `axis_name`, applies the
+    optimizer and stores the new model state (BatchNorm statistics, their floating
+    leaves averaged over `axis_name` so every device holds the same state).
+
+    **Arguments:**
+
+    - `state`: the current [`eqx_steps.TrainState`][].
+    - `batch`: a dict with `"image"` (input) and `"label"` (target) arrays, leading
+        axis = examples on this device.
+    - `learning_rate_fn`: the schedule, evaluated at the step before the update for
+        the `"learning_rate"` metric; `None` reads the learning rate from an
+        optimizer built with `optax.inject_hyperparams`.
+    - `criterion`: the loss, `criterion(output, label) -> scalar`.
+    - `metrics_fn`: `metrics_fn(output, label, criterion) -> dict` of scalars.
+    - `axis_name`: the collective axis to average over (`"device"`), or `None`.
+
+    **Returns:**
+
+    A 2-tuple of the new state (`step` + 1) and the metrics, averaged over
+    `axis_name`, with `"learning_rate"` added.
+    """
+    check_batch(batch)
+    x, label = batch["image"], batch["label"]
+    params, static = eqx.partition(state.model, state.trainable)
+    key = _step_key(state, axis_name)
+
+    def loss_fn(params):
+        model = eqx.combine(params, static)
+        output, model_state = state.forward(model, state.model_state, x, key=key)
+        return criterion(output, label), (output, model_state)
+
+    (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params
+    )
+    grads = pmean(grads, axis_name)
+    metrics = dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    new_state = state.apply_gradients(
+        grads, model_state=mean_model_state(model_state, axis_name)
+    )
+    if learning_rate_fn is None:
+        metrics["learning_rate"] = _injected_learning_rate(new_state.opt_state)
+    else:
+        metrics["learning_rate"] = jnp.asarray(
+            learning_rate_fn(state.step), jnp.float32
+        )
+    return new_state, metrics
+
+
+def apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyTree:
+    """Apply the post-processors in order to the trainable leaves of `model`.
+
+    Each post-processor sees `eqx.filter(model, trainable)` (non-trainable leaves
+    are `None`), so frozen leaves never change. A post-processor that changes the
+    structure, shapes or dtypes of what it is given raises `ValueError`.
+    """
+    params, static = eqx.partition(model, trainable)
+    for i, post in enumerate(post_lst):
+        new = post(params)
+        before = jax.tree_util.tree_structure(params)
+        after = jax.tree_util.tree_structure(new)
+        same = before == after and all(
+            jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
+            for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(new))
+        )
+        if not same:
+            raise ValueError(
+                f"`post_lst[{i}]` ({getattr(post, '__name__', post)!r}) changed the "
+                "model's structure, shapes or dtypes; a post-processor must return a "
+                "model of the same structure (use a tree map over its leaves, e.g. "
+                "`functools.partial(eqx_steps.clip_range, traversal=..., minval=...)`)."
+            )
+        params = new
+    return eqx.combine(params, static)
+
+
+def train_step_post(
+    state: TrainState,
+    batch: Batch,
+    learning_rate_fn: optax.Schedule | None,
+    criterion: Criterion,
+    train_step_fn: Callable[..., tuple[TrainState, Metrics]],
+    metrics_fn: MetricsFn,
+    post_lst: Sequence[PostFn],
+    *,
+    axis_name: AxisName = "device",
+) -> tuple[TrainState, Metrics]:
+    """A training step followed by post-processing of the model.
+
+    Runs `train_step_fn` and then applies each function of `post_lst` in order to
+    the trainable leaves of the updated model (e.g. `clip_positive`,
+    `spectral_normalization_conv`), as SCICO's `train_step_post`.
+
+    **Arguments:**
+
+    - `state`, `batch`, `learning_rate_fn`, `criterion`, `metrics_fn`, `axis_name`:
+        as for [`eqx_steps.train_step`][].
+    - `train_step_fn`: the training step to run first, with `train_step`'s
+        signature.
+    - `post_lst`: post-processors `model -> model`, applied in order.
+
+    **Returns:**
+
+    A 2-tuple of the new state and the metrics of `train_step_fn`.
+    """
+    new_state, metrics = train_step_fn(
+        state, batch, learning_rate_fn, criterion, metrics_fn, axis_name=axis_name
+    )
+    model = apply_post(new_state.model, new_state.trainable, post_lst)
+    return new_state.replace(model=model), metrics
+
+
+def eval_step(
+    state: TrainState,
+    batch: Batch,
+    criterion: Criterion,
+    metrics_fn: MetricsFn,
+    *,
+    axis_name: AxisName = "device",
+) -> Metrics:
+    """Evaluate the model on one device's share of a batch, changing nothing.
+
+    The model runs in inference mode (`eqx.nn.inference_mode`: BatchNorm uses its
+    running statistics). Without a `"mask"` in `batch` the metrics are
+    `metrics_fn` on the device's batch averaged over `axis_name` (SCICO's
+    `eval_step`). With `batch["mask"]` (1 for a real example, 0 for padding, as the
+    evaluation iterator yields for the last partial batch) the metrics are the
+    mean over the real examples of `metrics_fn` on each example, and `"count"`,
+    the number of real examples over all devices, is added so that batches can be
+    combined exactly.
+
+    **Arguments:**
+
+    - `state`: the [`eqx_steps.TrainState`][].
+    - `batch`: a dict with `"image"`, `"label"` and optionally `"mask"`.
+    - `criterion`: the loss, `criterion(output, label) -> scalar`.
+    - `metrics_fn`: `metrics_fn(output, label, criterion) -> dict` of scalars.
+    - `axis_name`: the collective axis to average over, or `None`.
+
+    **Returns:**
+
+    The dict of metrics.
+    """
+    check_batch(batch)
+    x, label = batch["image"], batch["label"]
+    output, _ = state.forward(state.model, state.model_state, x, inference=True)
+    if "mask" not in batch:
+        return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    mask = jnp.asarray(batch["mask"], jnp.float32)
+    per_example = jax.vmap(
+        lambda o, lab: dict(metrics_fn(o[None], lab[None], criterion))
+    )(output, label)
+    sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in per_example.items()}
+    count = jnp.sum(mask)
+    if axis_name is not None:
+        sums, count = jax.lax.psum((sums, count), axis_name)
+    metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
+    metrics["count"] = count
+    return metrics

@@ -1,0 +1,274 @@
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import (
+    ADAM,
+    SGD,
+    bn_net,
+    loss_metrics,
+    lr_fn,
+    max_rel_diff,
+    mlp,
+    mse,
+    regression_batch,
+    tree_equal,
+)
+from hypothesis import given, strategies as st
+
+import eqx_steps as es
+
+
+BACKENDS = ["pmap", "sharded"]
+
+
+@eqx.filter_jit
+def single_step(state, batch):
+    return es.train_step(state, batch, lr_fn, mse, loss_metrics, axis_name=None)
+
+
+# One compiled parallel step per configuration, shared by all tests (compiles are
+# cached by the state's structure inside each callable).
+@functools.cache
+def parallel(backend, donate=True, steps_per_call=1, nan_policy="raise"):
+    return es.parallel_train_step(
+        lr_fn,
+        mse,
+        loss_metrics,
+        backend=backend,
+        donate=donate,
+        steps_per_call=steps_per_call,
+        nan_policy=nan_policy,
+    )
+
+
+def run_single(state, batches):
+    for b in batches:
+        state, metrics = single_step(state, b)
+    return state, metrics
+
+
+def run_parallel(fn, state, batches):
+    for b in batches:
+        state, metrics = fn(state, es.shard(b))
+    return state, metrics
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(seed=st.integers(0, 3))
+def test_four_devices_equal_one_device_on_the_global_batch(backend, seed):
+    batches = [regression_batch(16, seed + i) for i in range(5)]
+    ref, ref_metrics = run_single(es.TrainState.create(mlp(seed), ADAM), batches)
+    new, metrics = run_parallel(
+        parallel(backend), es.TrainState.create(mlp(seed), ADAM), batches
+    )
+    assert int(new.step) == 5
+    assert max_rel_diff(new.model, ref.model) < 1e-5
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["learning_rate"], lr_fn(4), rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cross_device_batchnorm_equals_one_device(backend):
+    batches = [regression_batch(16, i) for i in range(3)]
+    model, ms = bn_net(("device", "batch"))
+    new, _ = run_parallel(
+        parallel(backend), es.TrainState.create(model, SGD, model_state=ms), batches
+    )
+    model1, ms1 = bn_net("batch")
+    ref, _ = run_single(es.TrainState.create(model1, SGD, model_state=ms1), batches)
+    assert max_rel_diff(new.model, ref.model) < 1e-5
+    assert max_rel_diff(new.model_state, ref.model_state) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_device_batchnorm_state_is_the_cross_device_mean(backend):
+    model, ms = bn_net("batch")
+    state = es.TrainState.create(model, SGD, model_state=ms)
+    batch = regression_batch(16)
+    new, _ = parallel(backend)(es.TrainState.create(model, SGD, model_state=ms), es.shard(batch))
+    # Each device's statistics come from its own quarter of the batch.
+    per_device = [
+        single_step(state, {k: v[4 * d : 4 * d + 4] for k, v in batch.items()})[0]
+        for d in range(4)
+    ]
+    expected = jax.tree_util.tree_map(
+        lambda *xs: np.mean(xs, axis=0) if eqx.is_inexact_array(xs[0]) else xs[0],
+        *[s.model_state for s in per_device],
+    )
+    assert max_rel_diff(new.model_state, expected) < 1e-5
+    # Per-device statistics differ from global ones: the check above has teeth.
+    global_ref = single_step(state, batch)[0]
+    assert max_rel_diff(new.model_state, global_ref.model_state) > 1e-3
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_steps_per_call_equals_single_calls(backend):
+    batches = [regression_batch(16, i) for i in range(6)]
+    ref, ref_metrics = run_parallel(
+        parallel(backend), es.TrainState.create(mlp(), ADAM), batches
+    )
+    multi = parallel(backend, steps_per_call=3)
+    state = es.TrainState.create(mlp(), ADAM)
+    losses = []
+    for i in (0, 3):
+        stacked = jax.tree_util.tree_map(
+            lambda *xs: jnp.stack(xs), *[es.shard(b) for b in batches[i : i + 3]]
+        )
+        state, metrics = multi(state, stacked)
+        assert metrics["loss"].shape == (3,)
+        losses.extend(np.asarray(metrics["loss"]))
+    assert int(state.step) == 6
+    assert max_rel_diff(state.model, ref.model) < 1e-6
+    np.testing.assert_allclose(losses[-1], ref_metrics["loss"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_donation_keeps_the_batch_and_the_results(backend):
+    batches = [regression_batch(16, i) for i in range(3)]
+    model = mlp()
+    sharded = [es.shard(b) for b in batches]
+    copies = [jax.tree_util.tree_map(np.array, b) for b in sharded]
+    donated, _ = run_parallel(parallel(backend, donate=True), es.TrainState.create(model, ADAM), batches)
+    state = es.TrainState.create(model, ADAM)
+    for b in sharded:
+        state, _ = parallel(backend, donate=True)(state, b)
+    kept, _ = run_parallel(parallel(backend, donate=False), es.TrainState.create(model, ADAM), batches)
+    assert tree_equal(donated, kept) and tree_equal(state, kept)
+    for b, c in zip(sharded, copies):  # the caller's batch is intact
+        for k in b:
+            np.testing.assert_array_equal(np.asarray(b[k]), c[k])
+    # The model the state was built from is never donated.
+    np.testing.assert_array_equal(np.asarray(model.layers[0].weight), np.asarray(mlp().layers[0].weight))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_eval_step_equals_one_device(backend):
+    model, ms = bn_net("batch")
+    state = es.TrainState.create(model, SGD, model_state=ms)
+    state, _ = single_step(state, regression_batch(16, 7))
+    batch = regression_batch(16)
+    metrics = es.parallel_eval_step(mse, es.compute_metrics, backend=backend)(
+        state, es.shard(batch)
+    )
+    ref = es.eval_step(state, batch, mse, es.compute_metrics, axis_name=None)
+    np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-5)
+    # SNR is averaged over device batches (as SCICO does), not over the global batch.
+    assert np.isfinite(float(metrics["snr"]))
+
+
+def nan_batch():
+    batch = regression_batch(16)
+    return {"image": batch["image"].at[3, 0].set(jnp.nan), "label": batch["label"]}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_policy_raise_names_the_step_and_keeps_the_state(backend):
+    fn = parallel(backend, donate=False)
+    state, _ = fn(es.TrainState.create(mlp(), ADAM), es.shard(regression_batch(16)))
+    with pytest.raises(FloatingPointError, match="step 1"):
+        fn(state, es.shard(nan_batch()))
+    assert np.isfinite(np.asarray(state.model.layers[0].weight)).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_policy_skip_drops_the_update_and_counts_the_step(backend):
+    fn = parallel(backend, donate=False, nan_policy="skip")
+    state = es.TrainState.create(mlp(), ADAM)
+    new, metrics = fn(state, es.shard(nan_batch()))
+    assert float(metrics["nonfinite"]) == 1.0
+    assert int(new.step) == 1
+    assert tree_equal(new.model, state.model) and tree_equal(new.opt_state, state.opt_state)
+    newer, metrics = fn(new, es.shard(regression_batch(16)))
+    assert float(metrics["nonfinite"]) == 0.0 and not tree_equal(newer.model, new.model)
+
+
+def test_nan_policy_ignore_applies_the_update():
+    fn = parallel("pmap", donate=False, nan_policy="ignore")
+    new, metrics = fn(es.TrainState.create(mlp(), ADAM), es.shard(nan_batch()))
+    assert "nonfinite" not in metrics
+    assert not np.isfinite(np.asarray(new.model.layers[0].weight)).all()
+
+
+def test_post_lst_runs_inside_the_parallel_step():
+    clip = functools.partial(
+        es.clip_range, traversal=es.construct_traversal("weight"), minval=-0.01, maxval=0.01
+    )
+    fn = es.parallel_train_step(lr_fn, mse, loss_metrics, post_lst=[clip])
+    state, _ = fn(es.TrainState.create(mlp(), ADAM), es.shard(regression_batch(16)))
+    for layer in state.model.layers:
+        assert float(jnp.max(jnp.abs(layer.weight))) <= 0.01 + 1e-7
+
+
+def test_frozen_leaves_never_change_in_parallel():
+    model = mlp()
+    spec = jax.tree_util.tree_map(eqx.is_inexact_array, model)
+    spec = eqx.tree_at(lambda m: m.layers[1].weight, spec, replace=False)
+    state = es.TrainState.create(model, ADAM, trainable=spec)
+    fn = es.parallel_train_step(lr_fn, mse, loss_metrics, backend="sharded")
+    for i in range(3):
+        state, _ = fn(state, es.shard(regression_batch(16, i)))
+    np.testing.assert_array_equal(state.model.layers[1].weight, model.layers[1].weight)
+    assert not np.allclose(state.model.layers[0].weight, model.layers[0].weight)
+
+
+# --- bad input ------------------------------------------------------------------
+
+
+def test_shard_refuses_a_batch_not_divisible_by_the_devices():
+    with pytest.raises(ValueError, match=r"not divisible by the 4 local devices"):
+        es.shard(regression_batch(10))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parallel_step_refuses_bad_batches(backend):
+    fn = parallel(backend, donate=False)
+    state = es.TrainState.create(mlp(), ADAM)
+    with pytest.raises(ValueError, match=r"expected leading axes \(4,\).*shard"):
+        fn(state, regression_batch(16))
+    with pytest.raises(ValueError, match="'label'"):
+        fn(state, {"image": es.shard(regression_batch(16))["image"]})
+    with pytest.raises(ValueError, match=r"steps_per_call=3"):
+        parallel(backend, steps_per_call=3)(state, es.shard(regression_batch(16)))
+    with pytest.raises(TypeError, match="TrainState"):
+        fn(state.model, es.shard(regression_batch(16)))
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="backend"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, backend="mpi")  # pyright: ignore
+    with pytest.raises(ValueError, match="nan_policy"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, nan_policy="warn")  # pyright: ignore
+    with pytest.raises(ValueError, match="steps_per_call"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, steps_per_call=0)
+
+
+# --- SCICO-style helpers --------------------------------------------------------------
+
+
+def test_replicate_unreplicate_round_trip():
+    state = es.TrainState.create(mlp(), ADAM)
+    rep = es.replicate(state)
+    assert rep.model.layers[0].weight.shape == (4, *state.model.layers[0].weight.shape)
+    assert tree_equal(es.unreplicate(rep), state)
+
+
+def test_sync_model_state_averages_float_leaves_only():
+    model, ms = bn_net()
+    rep = es.replicate(es.TrainState.create(model, ADAM, model_state=ms))
+    noisy = jax.tree_util.tree_map(
+        lambda x: x + jnp.arange(4.0).reshape(4, *([1] * (x.ndim - 1)))
+        if eqx.is_inexact_array(x)
+        else x,
+        rep.model_state,
+    )
+    synced = es.sync_model_state(rep.replace(model_state=noisy))
+    for a, b in zip(jax.tree_util.tree_leaves(synced.model_state), jax.tree_util.tree_leaves(ms)):
+        if eqx.is_inexact_array(b):
+            np.testing.assert_allclose(a, np.broadcast_to(np.asarray(b) + 1.5, a.shape), rtol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, np.broadcast_to(b, a.shape))
