@@ -1,0 +1,160 @@
+"""Learning-rate schedules built from a SCICO-style config mapping.
+
+Each function builds exactly the optax schedule that SCICO's
+`scico.flax.train.learning_rate` builds, reading the same config keys. They
+take the config of the trainer (a `dict`, a `TypedDict`, any `Mapping`, or a
+dataclass such as `TrainConfig`); a missing key raises a `KeyError` that names
+the key and the schedule that needs it.
+"""
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any
+
+import optax
+
+
+def _as_mapping(config: Any, schedule: str) -> Mapping[str, Any]:
+    if isinstance(config, Mapping):
+        return config
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        return {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    raise TypeError(
+        f"{schedule}: `config` must be a mapping (a dict or ConfigDict) or a config "
+        f"dataclass, got {type(config).__name__}: {config!r}."
+    )
+
+
+def _get(
+    config: Mapping[str, Any],
+    key: str,
+    schedule: str,
+    *,
+    integer: bool = False,
+    positive: bool = False,
+    nonnegative: bool = False,
+) -> Any:
+    """Read `config[key]` and check that it is a finite real number."""
+    if key not in config:
+        raise KeyError(
+            f"{schedule}: the config has no {key!r}, which this schedule needs; "
+            f"add config[{key!r}] (present keys: {sorted(map(str, config))})."
+        )
+    value = config[key]
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        expected = "an integer" if integer else "a number"
+        raise TypeError(
+            f"{schedule}: config[{key!r}] must be {expected}, "
+            f"got {type(value).__name__}: {value!r}."
+        )
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{schedule}: config[{key!r}] must be finite, got {value!r}.")
+    if positive and not number > 0:
+        raise ValueError(f"{schedule}: config[{key!r}] must be > 0, got {value!r}.")
+    if nonnegative and not number >= 0:
+        raise ValueError(f"{schedule}: config[{key!r}] must be >= 0, got {value!r}.")
+    return value
+
+
+def create_cnst_lr_schedule(config: Mapping[str, Any]) -> optax.Schedule:
+    """A constant learning rate, `config["base_learning_rate"]`.
+
+    SCICO's `create_cnst_lr_schedule`: `optax.constant_schedule(base_learning_rate)`.
+
+    **Arguments:**
+
+    - `config`: the training config; reads `base_learning_rate` (>= 0).
+
+    **Returns:**
+
+    An `optax.Schedule` mapping a step count to the learning rate.
+    """
+    name = "create_cnst_lr_schedule"
+    config = _as_mapping(config, name)
+    lr = _get(config, "base_learning_rate", name, nonnegative=True)
+    return optax.constant_schedule(lr)
+
+
+def create_exp_lr_schedule(config: Mapping[str, Any]) -> optax.Schedule:
+    """An exponentially decaying learning rate, SCICO's `create_exp_lr_schedule`.
+
+    `optax.exponential_decay(base_learning_rate, num_epochs * steps_per_epoch,
+    lr_decay_rate)`, that is
+
+        lr(step) = base_learning_rate * lr_decay_rate ** (step / decay_steps)
+        decay_steps = num_epochs * steps_per_epoch
+
+    continuous (not staircase) and starting at step 0. Note that
+    `lr_decay_rate` is the factor over the *whole run*, not per epoch: the last
+    step of training has about `base_learning_rate * lr_decay_rate`, and the
+    decay carries on past it.
+
+    **Arguments:**
+
+    - `config`: the training config; reads `base_learning_rate` (>= 0),
+        `num_epochs` (> 0), `steps_per_epoch` (a positive integer; SCICO's
+        trainer sets it to `len(train_ds) // batch_size`) and `lr_decay_rate`
+        (> 0).
+
+    **Returns:**
+
+    An `optax.Schedule` mapping a step count to the learning rate.
+    """
+    name = "create_exp_lr_schedule"
+    config = _as_mapping(config, name)
+    lr = _get(config, "base_learning_rate", name, nonnegative=True)
+    num_epochs = _get(config, "num_epochs", name, positive=True)
+    steps_per_epoch = _get(config, "steps_per_epoch", name, integer=True, positive=True)
+    decay_rate = _get(config, "lr_decay_rate", name, positive=True)
+    decay_steps = num_epochs * steps_per_epoch
+    return optax.exponential_decay(lr, decay_steps, decay_rate)
+
+
+def create_cosine_lr_schedule(config: Mapping[str, Any]) -> optax.Schedule:
+    """Linear warm-up then cosine decay to zero, SCICO's `create_cosine_lr_schedule`.
+
+    With `W = warmup_epochs * steps_per_epoch` and
+    `C = max(num_epochs - warmup_epochs, 1) * steps_per_epoch`:
+
+    - for `step < W`: `lr = base_learning_rate * step / W` (so the very first
+        step has learning rate 0);
+    - for `step >= W`:
+        `lr = base_learning_rate * 0.5 * (1 + cos(pi * min(step - W, C) / C))`,
+        which reaches 0 at the end of training and stays there.
+
+    This is `optax.join_schedules([linear_schedule(0, base, W),
+    cosine_decay_schedule(base, C)], [W])`, as SCICO builds it. With
+    `warmup_epochs = 0` there is no warm-up.
+
+    **Arguments:**
+
+    - `config`: the training config; reads `base_learning_rate` (>= 0),
+        `num_epochs` (> 0), `warmup_epochs` (>= 0) and `steps_per_epoch` (a
+        positive integer).
+
+    **Returns:**
+
+    An `optax.Schedule` mapping a step count to the learning rate.
+    """
+    name = "create_cosine_lr_schedule"
+    config = _as_mapping(config, name)
+    lr = _get(config, "base_learning_rate", name, nonnegative=True)
+    num_epochs = _get(config, "num_epochs", name, positive=True)
+    warmup_epochs = _get(config, "warmup_epochs", name, nonnegative=True)
+    steps_per_epoch = _get(config, "steps_per_epoch", name, integer=True, positive=True)
+
+    warmup_steps = warmup_epochs * steps_per_epoch
+    warmup_fn = optax.linear_schedule(
+        init_value=0.0, end_value=lr, transition_steps=warmup_steps
+    )
+    cosine_epochs = max(num_epochs - warmup_epochs, 1)
+    cosine_fn = optax.cosine_decay_schedule(
+        init_value=lr, decay_steps=cosine_epochs * steps_per_epoch
+    )
+    return optax.join_schedules(
+        schedules=[warmup_fn, cosine_fn], boundaries=[warmup_steps]
+    )
