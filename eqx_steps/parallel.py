@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import equinox as eqx
 import jax
@@ -35,12 +35,12 @@ from jaxtyping import Array, PyTree
 from .state import DEVICE_AXIS, TrainState
 from .steps import (
     Batch,
+    check_batch,
     Criterion,
+    eval_step,
     Metrics,
     MetricsFn,
     PostFn,
-    check_batch,
-    eval_step,
     train_step,
     train_step_post,
 )
@@ -73,12 +73,12 @@ def _is_dynamic(x: Any) -> bool:
 # SCICO-style helpers for users' own pmaps.
 
 
-def _device_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+def _device_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     devices = jax.local_devices() if devices is None else list(devices)
     return Mesh(np.asarray(devices), (DEVICE_AXIS,))
 
 
-def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+def replicate(tree: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     """Give every array leaf a leading device axis, one copy per device.
 
     For users' own `eqx.filter_pmap`/`jax.pmap` loops, as SCICO's `replicate`;
@@ -123,7 +123,7 @@ def unreplicate(tree: PyTree) -> PyTree:
 
 
 def shard(batch: PyTree) -> PyTree:
-    """Reshape a local batch `(local_batch, ...)` to `(n_local_devices, per_device, ...)`.
+    """Reshape a local batch `(local_batch, ...)` to `(n_devices, per_device, ...)`.
 
     **Arguments:**
 
@@ -282,9 +282,11 @@ class _ParallelFn:
                 finite = _all_finite((metrics.get("loss"), new_state.model))
                 kept = state.replace(step=new_state.step)
                 new_state = jax.tree_util.tree_map(
-                    lambda new, old: new
-                    if new is old or not eqx.is_array(new)
-                    else jnp.where(finite, new, old),
+                    lambda new, old: (
+                        new
+                        if new is old or not eqx.is_array(new)
+                        else jnp.where(finite, new, old)
+                    ),
                     new_state,
                     kept,
                 )
@@ -554,7 +556,7 @@ def parallel_eval_step(
     def per_device(state, batch):
         return eval_step_fn(state, batch, criterion, metrics_fn, axis_name=DEVICE_AXIS)
 
-    return _ParallelFn(
+    fn = _ParallelFn(
         per_device,
         returns_state=False,
         backend=backend,
@@ -563,3 +565,4 @@ def parallel_eval_step(
         nan_policy="ignore",
         unroll=1,
     )
+    return cast(Callable[[TrainState, Batch], Metrics], fn)

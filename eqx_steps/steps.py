@@ -174,7 +174,9 @@ def apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyT
         after = jax.tree_util.tree_structure(new)
         same = before == after and all(
             jnp.shape(a) == jnp.shape(b) and jnp.result_type(a) == jnp.result_type(b)
-            for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(new))
+            for a, b in zip(
+                jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(new)
+            )
         )
         if not same:
             raise ValueError(

@@ -31,7 +31,8 @@ def main(steps: int = 20, global_batch: int = 64) -> None:
         state, metrics = step(state, es.shard({"image": x, "label": y}))
         print(
             f"step {i + 1:3d}  loss {float(metrics['loss']):.5f}  "
-            f"snr {float(metrics['snr']):6.2f} dB  lr {float(metrics['learning_rate']):.4f}"
+            f"snr {float(metrics['snr']):6.2f} dB  "
+            f"lr {float(metrics['learning_rate']):.4f}"
         )
 
 

@@ -106,3 +106,13 @@ lr_fn = optax.exponential_decay(0.05, transition_steps=1, decay_rate=0.9)
 
 ADAM = optax.adam(lr_fn)
 SGD = optax.sgd(0.1, momentum=0.9, nesterov=True)
+
+
+def leaves_equal(x, y) -> bool:
+    """Bit-exact equality of the array leaves of two PyTrees (static parts ignored)."""
+    xs = jax.tree_util.tree_leaves(eqx.filter(x, eqx.is_array))
+    ys = jax.tree_util.tree_leaves(eqx.filter(y, eqx.is_array))
+    return len(xs) == len(ys) and all(
+        a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(xs, ys)
+    )

@@ -4,11 +4,9 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from helpers import (
     ADAM,
-    SGD,
     bn_net,
     loss_metrics,
     lr_fn,
@@ -16,6 +14,7 @@ from helpers import (
     mlp,
     mse,
     regression_batch,
+    SGD,
     tree_equal,
 )
 from hypothesis import given, strategies as st
@@ -90,7 +89,9 @@ def test_per_device_batchnorm_state_is_the_cross_device_mean(backend):
     model, ms = bn_net("batch")
     state = es.TrainState.create(model, SGD, model_state=ms)
     batch = regression_batch(16)
-    new, _ = parallel(backend)(es.TrainState.create(model, SGD, model_state=ms), es.shard(batch))
+    new, _ = parallel(backend)(
+        es.TrainState.create(model, SGD, model_state=ms), es.shard(batch)
+    )
     # Each device's statistics come from its own quarter of the batch.
     per_device = [
         single_step(state, {k: v[4 * d : 4 * d + 4] for k, v in batch.items()})[0]
@@ -133,17 +134,23 @@ def test_donation_keeps_the_batch_and_the_results(backend):
     model = mlp()
     sharded = [es.shard(b) for b in batches]
     copies = [jax.tree_util.tree_map(np.array, b) for b in sharded]
-    donated, _ = run_parallel(parallel(backend, donate=True), es.TrainState.create(model, ADAM), batches)
+    donated, _ = run_parallel(
+        parallel(backend, donate=True), es.TrainState.create(model, ADAM), batches
+    )
     state = es.TrainState.create(model, ADAM)
     for b in sharded:
         state, _ = parallel(backend, donate=True)(state, b)
-    kept, _ = run_parallel(parallel(backend, donate=False), es.TrainState.create(model, ADAM), batches)
+    kept, _ = run_parallel(
+        parallel(backend, donate=False), es.TrainState.create(model, ADAM), batches
+    )
     assert tree_equal(donated, kept) and tree_equal(state, kept)
     for b, c in zip(sharded, copies):  # the caller's batch is intact
         for k in b:
             np.testing.assert_array_equal(np.asarray(b[k]), c[k])
     # The model the state was built from is never donated.
-    np.testing.assert_array_equal(np.asarray(model.layers[0].weight), np.asarray(mlp().layers[0].weight))
+    np.testing.assert_array_equal(
+        np.asarray(model.layers[0].weight), np.asarray(mlp().layers[0].weight)
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -182,7 +189,9 @@ def test_nan_policy_skip_drops_the_update_and_counts_the_step(backend):
     new, metrics = fn(state, es.shard(nan_batch()))
     assert float(metrics["nonfinite"]) == 1.0
     assert int(new.step) == 1
-    assert tree_equal(new.model, state.model) and tree_equal(new.opt_state, state.opt_state)
+    assert tree_equal(new.model, state.model) and tree_equal(
+        new.opt_state, state.opt_state
+    )
     newer, metrics = fn(new, es.shard(regression_batch(16)))
     assert float(metrics["nonfinite"]) == 0.0 and not tree_equal(newer.model, new.model)
 
@@ -196,7 +205,10 @@ def test_nan_policy_ignore_applies_the_update():
 
 def test_post_lst_runs_inside_the_parallel_step():
     clip = functools.partial(
-        es.clip_range, traversal=es.construct_traversal("weight"), minval=-0.01, maxval=0.01
+        es.clip_range,
+        traversal=es.construct_traversal("weight"),
+        minval=-0.01,
+        maxval=0.01,
     )
     fn = es.parallel_train_step(lr_fn, mse, loss_metrics, post_lst=[clip])
     state, _ = fn(es.TrainState.create(mlp(), ADAM), es.shard(regression_batch(16)))
@@ -261,14 +273,20 @@ def test_sync_model_state_averages_float_leaves_only():
     model, ms = bn_net()
     rep = es.replicate(es.TrainState.create(model, ADAM, model_state=ms))
     noisy = jax.tree_util.tree_map(
-        lambda x: x + jnp.arange(4.0).reshape(4, *([1] * (x.ndim - 1)))
-        if eqx.is_inexact_array(x)
-        else x,
+        lambda x: (
+            x + jnp.arange(4.0).reshape(4, *([1] * (x.ndim - 1)))
+            if eqx.is_inexact_array(x)
+            else x
+        ),
         rep.model_state,
     )
     synced = es.sync_model_state(rep.replace(model_state=noisy))
-    for a, b in zip(jax.tree_util.tree_leaves(synced.model_state), jax.tree_util.tree_leaves(ms)):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(synced.model_state), jax.tree_util.tree_leaves(ms)
+    ):
         if eqx.is_inexact_array(b):
-            np.testing.assert_allclose(a, np.broadcast_to(np.asarray(b) + 1.5, a.shape), rtol=1e-6)
+            np.testing.assert_allclose(
+                a, np.broadcast_to(np.asarray(b) + 1.5, a.shape), rtol=1e-6
+            )
         else:
             np.testing.assert_array_equal(a, np.broadcast_to(b, a.shape))

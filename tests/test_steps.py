@@ -8,15 +8,15 @@ import optax
 import pytest
 from helpers import (
     ADAM,
-    SGD,
-    DropNet,
     bn_net,
+    DropNet,
     loss_metrics,
     lr_fn,
     max_rel_diff,
     mlp,
     mse,
     regression_batch,
+    SGD,
     tree_equal,
 )
 from hypothesis import given, strategies as st
@@ -70,7 +70,9 @@ def test_learning_rate_from_injected_hyperparams():
 def test_no_learning_rate_anywhere_is_an_error():
     state = es.TrainState.create(mlp(), ADAM)
     with pytest.raises(ValueError, match="learning_rate_fn"):
-        es.train_step(state, regression_batch(8), None, mse, loss_metrics, axis_name=None)
+        es.train_step(
+            state, regression_batch(8), None, mse, loss_metrics, axis_name=None
+        )
 
 
 def test_keys_differ_per_step_and_are_deterministic():
@@ -137,7 +139,10 @@ def test_train_step_post_applies_post_processors_to_trainable_leaves():
     state = es.TrainState.create(mlp(), ADAM)
     batch = regression_batch(8)
     clip = functools.partial(
-        es.clip_range, traversal=es.construct_traversal("weight"), minval=-0.05, maxval=0.05
+        es.clip_range,
+        traversal=es.construct_traversal("weight"),
+        minval=-0.05,
+        maxval=0.05,
     )
     post, _ = es.train_step_post(
         state, batch, lr_fn, mse, es.train_step, loss_metrics, [clip], axis_name=None
@@ -156,7 +161,13 @@ def test_post_processor_that_changes_structure_is_refused():
 
     with pytest.raises(ValueError, match=r"post_lst\[0\]"):
         es.train_step_post(
-            state, regression_batch(8), lr_fn, mse, es.train_step, loss_metrics, [bad],
+            state,
+            regression_batch(8),
+            lr_fn,
+            mse,
+            es.train_step,
+            loss_metrics,
+            [bad],
             axis_name=None,
         )
 
@@ -184,7 +195,10 @@ def test_steps_under_a_users_own_filter_pmap():
     batch = regression_batch(16)
     step = eqx.filter_pmap(
         functools.partial(
-            es.train_step, learning_rate_fn=lr_fn, criterion=mse, metrics_fn=loss_metrics
+            es.train_step,
+            learning_rate_fn=lr_fn,
+            criterion=mse,
+            metrics_fn=loss_metrics,
         ),
         axis_name="device",
     )

@@ -1,0 +1,377 @@
+"""Tests of the reference models and their channels-last layers."""
+
+import functools
+import math
+
+import equinox as eqx
+import hypothesis.strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from helpers import tree_allclose
+from hypothesis import given, settings
+
+from eqx_steps.models import (
+    ChannelsLastBatchNorm,
+    ChannelsLastConv2d,
+    ConvBNNet,
+    DnCNN,
+    max_pool,
+    ResNet,
+    UNet,
+    upscale_nn,
+)
+
+
+# ---------------------------------------------------------------------------
+# Helpers: the library's per-example application, module-level jitted steps.
+
+OPT = optax.adam(1e-2)
+
+
+def per_example(model, state, x):
+    return jax.vmap(
+        lambda xi, s: model(xi, s),
+        axis_name="batch",
+        in_axes=(0, None),
+        out_axes=(0, None),
+    )(x, state)
+
+
+@eqx.filter_jit
+def train_step(model, state, opt_state, x, target):
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_fn(p):
+        y, new_state = per_example(eqx.combine(p, static), state, x)
+        return jnp.mean((y - target) ** 2), (y, new_state)
+
+    (loss, (y, new_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+    updates, opt_state = OPT.update(grads, opt_state, params)
+    return eqx.apply_updates(model, updates), new_state, opt_state, loss, y
+
+
+@eqx.filter_jit
+def infer(model, state, x):
+    return per_example(eqx.nn.inference_mode(model), state, x)
+
+
+def clone(state):
+    """A usable copy of an `eqx.nn.State` (using one twice raises)."""
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def n_params(model) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+
+def n_stats(state) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array)))
+
+
+def build(cls, **kwargs):
+    return eqx.nn.make_with_state(cls)(**kwargs, key=jax.random.key(0))
+
+
+# ---------------------------------------------------------------------------
+# Parameter and batch-statistic counts equal SCICO's Flax models.
+
+COUNTS = [
+    (DnCNN, dict(depth=6, channels=1, num_filters=64), 149_120, 512),
+    (DnCNN, dict(depth=17, channels=1, num_filters=64), 556_032, 1_920),
+    (ConvBNNet, dict(depth=3, channels=1, num_filters=16), 2_658, 66),
+    (ResNet, dict(depth=3, channels=1, num_filters=16), 2_658, 66),
+    (UNet, dict(depth=2, channels=1, num_filters=8), 9_472, 176),
+    (UNet, dict(depth=4, channels=3, num_filters=16), 730_624, 2_080),
+]
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, params, stats",
+    COUNTS,
+    ids=[f"{c.__name__}-{k['depth']}-{k['num_filters']}" for c, k, _, _ in COUNTS],
+)
+def test_counts_equal_scico(cls, kwargs, params, stats):
+    model, state = build(cls, **kwargs)
+    assert n_params(model) == params
+    assert n_stats(state) == stats
+
+
+# ---------------------------------------------------------------------------
+# Small models: forward in train and inference mode, gradient steps, sizes.
+
+SMALL = {
+    "dncnn": (DnCNN, dict(depth=4, channels=1, num_filters=8)),
+    "convbn": (ConvBNNet, dict(depth=3, channels=2, num_filters=8)),
+    "resnet": (ResNet, dict(depth=3, channels=1, num_filters=8)),
+    "unet": (UNet, dict(depth=3, channels=1, num_filters=4)),
+}
+# Two spatial sizes each; the U-Net's (depth 3) must be divisible by 4.
+SIZES = [(16, 16), (8, 12)]
+
+
+@functools.cache
+def small(name):
+    cls, kwargs = SMALL[name]
+    return build(cls, **kwargs)
+
+
+def batch(name, size, n=4, seed=0):
+    channels = SMALL[name][1]["channels"]
+    kx, kt = jax.random.split(jax.random.key(seed))
+    x = jax.random.uniform(kx, (n, *size, channels))
+    return x, x + 0.1 * jax.random.normal(kt, x.shape)
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("name", list(SMALL))
+def test_gradient_steps(name, size):
+    model, state = small(name)
+    x, target = batch(name, size)
+    opt_state = OPT.init(eqx.filter(model, eqx.is_inexact_array))
+    new_model, new_state, opt_state, loss, y = train_step(
+        model, clone(state), opt_state, x, target
+    )
+    assert y.shape == x.shape
+    assert bool(jnp.all(jnp.isfinite(y)))
+    assert np.isfinite(float(loss))
+    # Every parameter moves (Adam's first step is +-lr wherever grad != 0).
+    for old, new in zip(
+        jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)),
+        jax.tree.leaves(eqx.filter(new_model, eqx.is_inexact_array)),
+    ):
+        assert old.shape == new.shape
+        assert not np.allclose(old, new)
+    # The running statistics moved from their initial (0, 1).
+    assert not tree_allclose(clone(state), new_state)
+    # A few more steps on the same batch lower the loss.
+    losses = [float(loss)]
+    for _ in range(4):
+        new_model, new_state, opt_state, loss, _ = train_step(
+            new_model, new_state, opt_state, x, target
+        )
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", list(SMALL))
+def test_inference_mode(name):
+    model, state = small(name)
+    x, target = batch(name, SIZES[0])
+    opt_state = OPT.init(eqx.filter(model, eqx.is_inexact_array))
+    _, trained_state, _, _, y_train = train_step(
+        model, clone(state), opt_state, x, target
+    )
+    y1, state1 = infer(model, clone(trained_state), x)
+    y2, _ = infer(model, clone(trained_state), x)
+    assert y1.shape == x.shape
+    assert bool(jnp.all(jnp.isfinite(y1)))
+    np.testing.assert_array_equal(y1, y2)  # deterministic
+    assert tree_allclose(state1, clone(trained_state))  # state untouched
+    assert not np.allclose(y1, y_train, atol=1e-4)  # running vs batch statistics
+    # Inference is per example: an example's output does not depend on the others.
+    y_one, _ = infer(model, clone(trained_state), x[:1])
+    np.testing.assert_allclose(y_one[0], y1[0], rtol=1e-5, atol=1e-6)
+
+
+def test_convbnnet_output_is_batch_normalised():
+    # ConvBNNet ends with a batch norm (scale 1, bias 0 at init): in training mode
+    # each output channel has zero mean and unit variance over batch and space.
+    model, state = small("convbn")
+    x, target = batch("convbn", SIZES[0], n=8)
+    opt_state = OPT.init(eqx.filter(model, eqx.is_inexact_array))
+    *_, y = train_step(model, clone(state), opt_state, x, target)
+    np.testing.assert_allclose(y.mean(axis=(0, 1, 2)), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
+
+
+def test_residual_connections():
+    x, _ = batch("dncnn", SIZES[0])
+    # DnCNN: y = x - net(x); a zero last convolution gives the identity.
+    model, state = small("dncnn")
+    model = eqx.tree_at(lambda m: m.conv_end.weight, model, jnp.zeros_like)
+    y, _ = infer(model, clone(state), x)
+    np.testing.assert_allclose(y, x, atol=1e-6)
+    # ResNet: y = x + net(x); a zero last batch-norm scale and bias gives x.
+    model, state = small("resnet")
+    model = eqx.tree_at(
+        lambda m: (m.norm_end.weight, m.norm_end.bias),
+        model,
+        replace_fn=jnp.zeros_like,
+    )
+    y, _ = infer(model, clone(state), x)
+    np.testing.assert_allclose(y, x, atol=1e-6)
+
+
+def test_cross_device_batch_statistics():
+    # bn_axis_name=("device", "batch") under pmap(vmap) gives the statistics of
+    # the whole global batch, i.e. what a single vmap over all examples gives.
+    kwargs = dict(depth=2, channels=1, num_filters=4)
+    model, state = build(ConvBNNet, **kwargs)
+    model_dev, state_dev = build(ConvBNNet, **kwargs, bn_axis_name=("device", "batch"))
+    assert tree_allclose(model, model_dev)
+    x = jax.random.normal(jax.random.key(3), (8, 8, 8, 1))
+    y, new_state = eqx.filter_jit(per_example)(model, state, x)
+
+    n_dev = jax.local_device_count()
+
+    @eqx.filter_pmap(axis_name="device", in_axes=(None, None, 0), out_axes=(0, None))
+    def on_devices(m, s, xs):
+        return per_example(m, s, xs)
+
+    y_dev, new_state_dev = on_devices(
+        model_dev, state_dev, x.reshape(n_dev, -1, *x.shape[1:])
+    )
+    np.testing.assert_allclose(y_dev.reshape(x.shape), y, rtol=1e-5, atol=1e-5)
+    assert tree_allclose(new_state_dev, new_state, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------
+# Initialisation: SCICO's initialisers.
+
+
+def _check_truncated_normal(w, variance):
+    std = math.sqrt(variance)
+    assert abs(float(jnp.std(w)) / std - 1) < 0.05
+    # jax's truncated normal is cut at two (pre-rescaling) standard deviations.
+    assert float(jnp.max(jnp.abs(w))) <= 2 * std / 0.87962566 + 1e-6
+
+
+def test_initialisers():
+    conv = ChannelsLastConv2d(32, 64, key=jax.random.key(0))
+    assert conv.bias is None and conv.weight.shape == (64, 32, 3, 3)
+    _check_truncated_normal(conv.weight, 1 / (32 * 9))  # Flax default: LeCun
+    model, _ = build(DnCNN, depth=3, channels=1, num_filters=64)
+    _check_truncated_normal(model.blocks[0].conv.weight, 2 / (64 * 9))  # He
+    model, _ = build(ConvBNNet, depth=3, channels=1, num_filters=64)
+    _check_truncated_normal(model.blocks[1].conv.weight, 2 / (2 * 64 * 9))  # Glorot
+    model, _ = build(UNet, depth=2, channels=1, num_filters=32)
+    _check_truncated_normal(model.down_blocks[0].blocks[0].conv.weight, 2 / (64 * 9))
+    norm = model.block_in.blocks[0].norm
+    assert isinstance(norm, eqx.nn.BatchNorm) and norm.mode == "batch"
+    assert (norm.momentum, norm.eps, norm.axis_name) == (0.99, 1e-5, "batch")
+    np.testing.assert_array_equal(norm.weight, 1.0)
+    np.testing.assert_array_equal(norm.bias, 0.0)
+
+
+# ---------------------------------------------------------------------------
+# The channels-last layers against Equinox's channels-first ones.
+
+
+@settings(max_examples=8)
+@given(
+    in_channels=st.sampled_from([1, 3]),
+    out_channels=st.sampled_from([2, 4]),
+    kernel_size=st.sampled_from([(3, 3), (1, 1), (3, 2), (4, 4)]),
+    stride=st.sampled_from([1, 2]),
+    padding_mode=st.sampled_from(["CIRCULAR", "ZEROS", "REFLECT", "REPLICATE"]),
+    use_bias=st.booleans(),
+)
+def test_conv_matches_equinox_conv2d(
+    in_channels, out_channels, kernel_size, stride, padding_mode, use_bias
+):
+    conv = ChannelsLastConv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride,
+        use_bias=use_bias,
+        padding_mode=padding_mode,
+        key=jax.random.key(1),
+    )
+    assert isinstance(conv, eqx.nn.Conv)
+    if use_bias:
+        bias = jnp.arange(1.0, out_channels + 1.0).reshape(-1, 1, 1)
+        conv = eqx.tree_at(lambda c: c.bias, conv, bias)
+    reference = eqx.nn.Conv2d(
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride,
+        padding=[((k - 1) // 2, k // 2) for k in kernel_size],
+        use_bias=use_bias,
+        padding_mode=padding_mode,
+        key=jax.random.key(2),
+    )
+    reference = eqx.tree_at(
+        lambda c: (c.weight, c.bias), reference, (conv.weight, conv.bias)
+    )
+    x = jax.random.normal(jax.random.key(3), (7, 6, in_channels))
+    y = conv(x)
+    y_ref = jnp.moveaxis(reference(jnp.moveaxis(x, -1, 0)), 0, -1)
+    assert y.shape == y_ref.shape
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    if stride == 1:
+        assert y.shape == (7, 6, out_channels)
+
+
+def test_circular_padding_is_periodic():
+    # Circular padding makes the convolution commute with circular shifts.
+    conv = ChannelsLastConv2d(2, 3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (8, 8, 2))
+    shifted = jnp.roll(x, (3, -2), axis=(0, 1))
+    np.testing.assert_allclose(
+        conv(shifted), jnp.roll(conv(x), (3, -2), axis=(0, 1)), atol=1e-5
+    )
+
+
+def test_batch_norm_matches_equinox():
+    norm = ChannelsLastBatchNorm(3)
+    norm_ref = eqx.nn.BatchNorm(3, "batch", momentum=0.99, mode="batch")
+    x = jax.random.normal(jax.random.key(0), (5, 4, 6, 3)) * 2 + 1
+    state = eqx.nn.State(norm)
+    state_ref = eqx.nn.State(norm_ref)
+    vm = functools.partial(
+        jax.vmap, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
+    )
+    y, state = vm(norm)(x, state)
+    y_ref, state_ref = vm(norm_ref)(jnp.moveaxis(x, -1, 1), state_ref)
+    np.testing.assert_allclose(y, jnp.moveaxis(y_ref, 1, -1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        state.get(norm.batch_state_index)[1],
+        state_ref.get(norm_ref.batch_state_index)[1],
+        rtol=1e-6,
+    )
+
+
+@settings(max_examples=10)
+@given(
+    h=st.integers(1, 5),
+    w=st.integers(1, 5),
+    c=st.integers(1, 3),
+    scale=st.sampled_from([2, 3]),
+)
+def test_pool_undoes_nearest_upscaling(h, w, c, scale):
+    x = np.random.default_rng(h * 100 + w * 10 + c).normal(size=(h, w, c))
+    up = upscale_nn(jnp.asarray(x), scale)
+    assert up.shape == (h * scale, w * scale, c)
+    np.testing.assert_array_equal(up[::scale, ::scale], x)
+    np.testing.assert_array_equal(max_pool(up, (scale, scale)), x)
+
+
+# ---------------------------------------------------------------------------
+# Errors name the argument, the value and the fix.
+
+
+def test_bad_inputs_raise():
+    model, state = small("unet")
+    with pytest.raises(ValueError, match=r"divisible by .*\(4, 4\)"):
+        per_example(model, state, jnp.zeros((2, 12, 10, 1)))
+    with pytest.raises(ValueError, match=r"\(height, width, 1\).*\(16, 16, 3\)"):
+        per_example(model, state, jnp.zeros((2, 16, 16, 3)))
+    model, state = small("dncnn")
+    with pytest.raises(ValueError, match=r"one channels-last example"):
+        model(jnp.zeros((2, 8, 8, 1)), state)
+    with pytest.raises(ValueError, match=r"`depth` must be an int >= 2, got 1"):
+        build(DnCNN, depth=1, channels=1)
+    with pytest.raises(ValueError, match=r"`num_filters` must be an int >= 1, got 0"):
+        build(ResNet, depth=2, channels=1, num_filters=0)
+    with pytest.raises(
+        ValueError, match=r"`kernel_size` must be positive, got \(3, 0\)"
+    ):
+        build(UNet, depth=2, channels=1, kernel_size=(3, 0))
+    with pytest.raises(ValueError, match=r"`padding_mode` must be .*got 'wrap'"):
+        ChannelsLastConv2d(1, 1, padding_mode="wrap", key=jax.random.key(0))  # pyright: ignore
