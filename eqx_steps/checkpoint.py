@@ -1,0 +1,538 @@
+"""Checkpoints of a `TrainState` (orbax) and export of a trained model (Equinox).
+
+`checkpoint_save`/`checkpoint_restore` are SCICO's checkpoint functions for an
+Equinox `TrainState`: an orbax `CheckpointManager` in a work directory keeps the
+last few steps, each in its own step directory that appears only once complete
+(orbax writes to a temporary directory and renames it), plus the run's
+configuration as `config.json`. Only arrays and JSON are stored: the static parts
+of the state (the optimizer, `forward`, the model's structure) come from the
+`state` given to `checkpoint_restore`, and loading never runs code.
+
+`save_model`/`load_model` write and read one file with
+`eqx.tree_serialise_leaves`, for exporting a trained model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jaxtyping import PyTree
+from orbax.checkpoint.checkpoint_managers import LatestN
+
+from .state import TrainState
+
+
+CONFIG_FILE = "config.json"
+"""Name of the configuration file `checkpoint_save` writes in the work directory."""
+
+_MAX_TO_KEEP = 3
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def _workdir(workdir: str | os.PathLike) -> Path:
+    if not isinstance(workdir, (str, os.PathLike)):
+        raise TypeError(
+            f"`workdir` must be a path (str or os.PathLike), got "
+            f"{type(workdir).__name__}: {workdir!r}."
+        )
+    return Path(os.path.abspath(os.fspath(workdir)))
+
+
+@contextlib.contextmanager
+def _manager(
+    path: Path, *, create: bool, max_to_keep: int = _MAX_TO_KEEP
+) -> Iterator[ocp.CheckpointManager]:
+    options = ocp.CheckpointManagerOptions(
+        preservation_policy=LatestN(max_to_keep),
+        create=create,
+        # A returned save is a complete save.
+        enable_async_checkpointing=False,
+    )
+    # Naming the handler lets a fresh manager read a checkpoint's metadata. (orbax
+    # 0.12.8 emits no Python warnings on these calls, even under `-W error`.)
+    manager = ocp.CheckpointManager(
+        path, item_handlers=ocp.StandardCheckpointHandler(), options=options
+    )
+    try:
+        yield manager
+    finally:
+        manager.close()
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _key_impl(x: Any) -> Any:
+    if isinstance(x, jax.Array):
+        return jax.random.key_impl(x)
+    return getattr(x.dtype, "_impl", None)
+
+
+def _path_str(path: tuple) -> str:
+    return jax.tree_util.keystr(path) or "<root>"
+
+
+def _orbax_name(path: tuple) -> tuple[str, ...]:
+    # How orbax names a leaf (orbax.checkpoint.tree.str_keypath).
+    names = []
+    for k in path:
+        if isinstance(k, jax.tree_util.SequenceKey):
+            names.append(str(k.idx))
+        elif isinstance(k, jax.tree_util.DictKey):
+            names.append(str(k.key))
+        elif isinstance(k, jax.tree_util.GetAttrKey):
+            names.append(k.name)
+        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
+            names.append(str(k.key))
+        else:
+            names.append(str(k))
+    return tuple(names)
+
+
+def _host_int(x: Any) -> int:
+    # A replicated array of a multi-process run is not fully addressable; any
+    # local copy holds the value.
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        x = x.addressable_data(0)
+    return int(np.asarray(x))
+
+
+def _short(error: BaseException, limit: int = 300) -> str:
+    while error.__cause__ is not None:  # the root cause says what went wrong
+        error = error.__cause__
+    text = str(error).strip().splitlines()
+    first = text[0] if text else type(error).__name__
+    return first if len(first) <= limit else first[:limit] + "..."
+
+
+def _jsonable(value: Any) -> tuple[bool, Any]:
+    """`(True, json_value)` for JSON-representable values, `(False, None)` else."""
+    if value is None or isinstance(value, (bool, str)):
+        return True, value
+    if isinstance(value, int):
+        return True, int(value)
+    if isinstance(value, float):
+        return True, value
+    if isinstance(value, np.generic) and not isinstance(value, np.void):
+        return _jsonable(value.item())
+    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
+        if _is_key(value):
+            return False, None
+        return _jsonable(np.asarray(value).item())
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                return False, None
+            ok, v = _jsonable(v)
+            if ok:
+                out[k] = v
+        return True, out
+    if isinstance(value, (list, tuple)):
+        items = [_jsonable(v) for v in value]
+        if all(ok for ok, _ in items):
+            return True, [v for _, v in items]
+        return False, None
+    return False, None
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    if not isinstance(config, Mapping):
+        raise TypeError(
+            f"`config` must be a dict (or a dataclass instance, or None), got "
+            f"{type(config).__name__}."
+        )
+    _, out = _jsonable(dict(config))
+    return out
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write `path` through a temporary file in the same directory + `os.replace`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _check_state(state: Any) -> None:
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"`state` must be an eqx_steps.TrainState, got {type(state).__name__}; "
+            "build one with `TrainState.create(model, tx)`."
+        )
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The latest complete checkpoint step in `workdir`.
+
+    **Arguments:**
+
+    - `workdir`: the checkpoint directory.
+
+    **Returns:**
+
+    The step, or `None` when `workdir` does not exist or holds no complete
+    checkpoint.
+    """
+    path = _workdir(workdir)
+    if not path.is_dir():
+        return None
+    with _manager(path, create=False) as manager:
+        return manager.latest_step()
+
+
+def checkpoint_save(
+    state: TrainState,
+    config: Mapping[str, Any] | Any,
+    workdir: str | os.PathLike,
+    *,
+    max_to_keep: int = _MAX_TO_KEEP,
+) -> bool:
+    """Save the arrays of a `TrainState` and the run's configuration.
+
+    An orbax `CheckpointManager` in `workdir` (created if needed) stores the array
+    leaves of `state` (`eqx.filter(state, eqx.is_array)`; PRNG keys as their key
+    data) at step `int(state.step)`, and keeps the last `max_to_keep` steps. The
+    save is synchronous and atomic: when this function returns the step directory
+    is complete, and a save interrupted at any point (even by `SIGKILL`) leaves
+    only orbax's temporary directory, never a step that looks complete.
+
+    `config` is written as `workdir/config.json` (through a temporary file and
+    `os.replace`), keeping only its JSON-representable entries: callables (such as
+    SCICO's `post_lst`), optimizers and arrays are left out. Only process 0
+    writes it.
+
+    Saving a step that is already the latest saved step does nothing (the state
+    at a step is determined by the run) and returns `False`.
+
+    **Arguments:**
+
+    - `state`: the [`eqx_steps.TrainState`][] to save.
+    - `config`: the run's configuration (a dict, a dataclass instance, or `None`).
+    - `workdir`: the checkpoint directory.
+    - `max_to_keep`: how many of the latest steps to keep (default 3).
+
+    **Returns:**
+
+    `True` if a checkpoint was written.
+
+    **Raises:**
+
+    - `ValueError`: if `workdir` already holds a later step (a checkpoint of
+        another run): restore it to resume, or use another directory.
+    """
+    _check_state(state)
+    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int):
+        raise TypeError(f"`max_to_keep` must be an int >= 1, got {max_to_keep!r}.")
+    if max_to_keep < 1:
+        raise ValueError(f"`max_to_keep` must be >= 1, got {max_to_keep}.")
+    path = _workdir(workdir)
+    config_json = _config_dict(config)
+    step = _host_int(state.step)
+    arrays = jax.tree_util.tree_map(
+        lambda x: jax.random.key_data(x) if _is_key(x) else x,
+        eqx.filter(state, eqx.is_array),
+    )
+    with _manager(path, create=True, max_to_keep=max_to_keep) as manager:
+        latest = manager.latest_step()
+        if latest is not None and step <= latest:
+            if step == latest:
+                return False
+            raise ValueError(
+                f"`workdir` {str(path)!r} already holds a checkpoint of step {latest}, "
+                f"later than this state's step {step}; orbax would silently skip "
+                "this save. Restore it with `checkpoint_restore(state, workdir)` to "
+                "resume that run, or save into a new (or emptied) directory."
+            )
+        manager.save(step, args=ocp.args.StandardSave(arrays))
+        manager.wait_until_finished()
+    if jax.process_index() == 0:
+        _atomic_write(
+            path / CONFIG_FILE,
+            lambda f: f.write(json.dumps(config_json, indent=2).encode() + b"\n"),
+        )
+    return True
+
+
+def _corrupt(path: Path, step: int, steps: list[int], error: BaseException) -> Any:
+    older = [s for s in steps if s < step]
+    hint = (
+        f" Older steps on disk: {older}; delete {str(path / str(step))!r} to resume "
+        f"from step {older[-1]}."
+        if older
+        else " No older step is on disk: start the run afresh."
+    )
+    return ValueError(
+        f"checkpoint step {step} in {str(path)!r} is incomplete or corrupt "
+        f"({type(error).__name__}: {_short(error)}).{hint}"
+    )
+
+
+def _compare(path: Path, step: int, target: PyTree, metadata: Any) -> None:
+    """Raise a `ValueError` at the first leaf of `target` unlike the checkpoint."""
+    stored = {
+        _orbax_name(p): leaf
+        for p, leaf in jax.tree_util.tree_flatten_with_path(metadata.tree)[0]
+    }
+    where = f"checkpoint step {step} in {str(path)!r}"
+    fix = (
+        "; restore into a state built like the saved one (same model, model state, "
+        "optimizer and key), or use another `workdir`."
+    )
+    wanted = jax.tree_util.tree_flatten_with_path(target)[0]
+    for p, leaf in wanted:
+        meta = stored.pop(_orbax_name(p), None)
+        if meta is None:
+            raise ValueError(
+                f"`state` leaf `{_path_str(p)}` (shape {tuple(leaf.shape)}) is not in "
+                f"the {where}{fix}"
+            )
+        shape = tuple(getattr(meta, "shape", None) or ())
+        dtype = getattr(meta, "dtype", None)
+        if shape != tuple(leaf.shape):
+            raise ValueError(
+                f"`state` leaf `{_path_str(p)}` has shape {tuple(leaf.shape)} but "
+                f"shape {shape} in the {where}{fix}"
+            )
+        if dtype is not None and jnp.dtype(dtype) != jnp.dtype(leaf.dtype):
+            raise ValueError(
+                f"`state` leaf `{_path_str(p)}` has dtype {jnp.dtype(leaf.dtype)} but "
+                f"dtype {jnp.dtype(dtype)} in the {where}{fix}"
+            )
+    if stored:
+        name = ".".join(next(iter(stored)))
+        raise ValueError(
+            f"the {where} has a leaf `{name}` that `state` lacks (e.g. another model "
+            f"or optimizer){fix}"
+        )
+
+
+def checkpoint_restore(
+    state: TrainState, workdir: str | os.PathLike, ok_no_ckpt: bool = False
+) -> TrainState:
+    """Restore the latest checkpoint in `workdir` into the structure of `state`.
+
+    `state` gives the structure, shapes, dtypes, shardings and static parts
+    (optimizer, `forward`, model structure); the checkpoint gives the values,
+    restored bit-exactly. The checkpoint is compared with `state` leaf by leaf
+    before anything is read.
+
+    A corrupt or incomplete latest step raises rather than silently falling back
+    to an older one; the error names the step directory and the older steps, so
+    that deleting the bad step resumes from the previous one.
+
+    **Arguments:**
+
+    - `state`: a [`eqx_steps.TrainState`][] built like the saved one (e.g. the
+        initial state of the run).
+    - `workdir`: the checkpoint directory.
+    - `ok_no_ckpt`: return `state` unchanged when there is no checkpoint, instead
+        of raising.
+
+    **Returns:**
+
+    The restored `TrainState`.
+
+    **Raises:**
+
+    - `FileNotFoundError`: no checkpoint in `workdir` (and not `ok_no_ckpt`).
+    - `ValueError`: the checkpoint does not match `state` (names the first
+        mismatching leaf), or it is corrupt.
+    """
+    _check_state(state)
+    path = _workdir(workdir)
+    step = latest_step(path)
+    if step is None:
+        if ok_no_ckpt:
+            return state
+        what = "does not exist" if not path.exists() else "holds no complete checkpoint"
+        raise FileNotFoundError(
+            f"checkpoint directory {str(path)!r} {what}; create one by training with "
+            "checkpointing=True (or `checkpoint_save(state, config, workdir)`), or "
+            "pass ok_no_ckpt=True to start from `state`."
+        )
+
+    arrays, static = eqx.partition(state, eqx.is_array)
+    leaves, treedef = jax.tree_util.tree_flatten(arrays)
+    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def abstract(x):
+        if isinstance(x, np.ndarray):
+            return x  # orbax restores a numpy leaf as numpy, given one
+        if _is_key(x):
+            data = jax.eval_shape(jax.random.key_data, x)
+            shape, dtype = data.shape, data.dtype
+        else:
+            shape, dtype = x.shape, x.dtype
+        sharding = getattr(x, "sharding", None) or fallback
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
+
+    target = jax.tree_util.tree_unflatten(treedef, [abstract(x) for x in leaves])
+    with _manager(path, create=False) as manager:
+        steps = sorted(manager.all_steps())
+        try:
+            metadata = manager.metadata(step).item_metadata
+            if metadata is None or not hasattr(metadata, "tree"):
+                raise FileNotFoundError("its tree metadata is missing")
+        except Exception as e:
+            raise _corrupt(path, step, steps, e) from e
+        _compare(path, step, target, metadata)
+        try:
+            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+        except Exception as e:
+            raise _corrupt(path, step, steps, e) from e
+
+    out = [
+        jax.random.wrap_key_data(r, impl=_key_impl(x)) if _is_key(x) else r
+        for x, r in zip(leaves, treedef.flatten_up_to(restored))
+    ]
+    return eqx.combine(jax.tree_util.tree_unflatten(treedef, out), static)
+
+
+def load_config(workdir: str | os.PathLike) -> dict[str, Any]:
+    """Read the configuration `checkpoint_save` wrote in `workdir`.
+
+    **Arguments:**
+
+    - `workdir`: the checkpoint directory.
+
+    **Returns:**
+
+    The configuration dict (its JSON-representable entries).
+    """
+    file = _workdir(workdir) / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"no configuration file {str(file)!r}; `checkpoint_save` writes it."
+        )
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------
+# Model export
+
+
+def _serialise(f: Any, x: Any) -> None:
+    if _is_key(x):
+        x = jax.random.key_data(x)
+    eqx.default_serialise_filter_spec(f, x)
+
+
+def _deserialise(f: Any, x: Any) -> Any:
+    if _is_key(x):
+        return jax.random.wrap_key_data(jnp.load(f), impl=_key_impl(x))
+    return eqx.default_deserialise_filter_spec(f, x)
+
+
+def save_model(
+    path: str | os.PathLike, model: PyTree, model_state: eqx.nn.State | None = None
+) -> None:
+    """Write a model (and its state) to one file, for export.
+
+    The leaves of `(model, model_state)` are written with
+    `eqx.tree_serialise_leaves` (NumPy's `.npy` format, no pickle; PRNG keys as
+    their key data) to a temporary file in the same directory, which then replaces
+    `path`: a reader never sees a half-written file. `path` is used as given (no
+    suffix is added).
+
+    **Arguments:**
+
+    - `path`: the file to write; its directory is created if needed.
+    - `model`: the Equinox model (e.g. `state.model`).
+    - `model_state`: its `eqx.nn.State`, or `None`.
+
+    **Returns:**
+
+    Nothing.
+    """
+    file = Path(os.fspath(path))
+    _atomic_write(
+        file,
+        lambda f: eqx.tree_serialise_leaves(
+            f, (model, model_state), filter_spec=_serialise
+        ),
+    )
+
+
+def load_model(
+    path: str | os.PathLike, model: PyTree, model_state: eqx.nn.State | None = None
+) -> tuple[PyTree, eqx.nn.State | None]:
+    """Read a model written by `save_model` into the structure of a template.
+
+    **Arguments:**
+
+    - `path`: the file written by [`eqx_steps.save_model`][].
+    - `model`: a model of the same structure, shapes and dtypes (e.g. freshly
+        initialised, or from `eqx.filter_eval_shape`); its values are replaced.
+    - `model_state`: a like-structured `eqx.nn.State`, or `None` if none was
+        saved.
+
+    **Returns:**
+
+    A 2-tuple `(model, model_state)` with the saved values.
+
+    **Raises:**
+
+    - `FileNotFoundError`: `path` does not exist.
+    - `ValueError`: the file holds another structure (or is truncated).
+    """
+    file = Path(os.fspath(path))
+    if not file.is_file():
+        raise FileNotFoundError(
+            f"model file {str(file)!r} does not exist; write one with "
+            "`save_model(path, model, model_state)`."
+        )
+    fix = (
+        "pass a `model` (and `model_state`) built like the saved one: same "
+        "architecture, sizes and dtypes, and a model_state exactly when one was saved."
+    )
+    with open(file, "rb") as f:
+        try:
+            out = eqx.tree_deserialise_leaves(
+                f, (model, model_state), filter_spec=_deserialise
+            )
+        except (RuntimeError, ValueError, EOFError, OSError) as e:
+            raise ValueError(
+                f"model file {str(file)!r} does not match the given template "
+                f"({_short(e)}); {fix}"
+            ) from e
+        if f.read(1):
+            raise ValueError(
+                f"model file {str(file)!r} holds more leaves than the given template; "
+                f"{fix}"
+            )
+    return out
