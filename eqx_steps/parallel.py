@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable, Sequence
-from typing import Any, Literal, NamedTuple, cast
+from typing import Any, cast, Literal, NamedTuple
 
 import equinox as eqx
 import jax
@@ -423,20 +423,25 @@ class _ParallelFn:
         if not self.returns_state:
             return metrics
         self._last_ids = tuple(map(id, new_dynamic))
+        new_state = flat.build(new_dynamic)
         if self.nan_policy == "raise":
-            self._raise_if_nonfinite(state, metrics)
-        return flat.build(new_dynamic), metrics
+            self._raise_if_nonfinite(new_state, metrics)
+        return new_state, metrics
 
-    def _raise_if_nonfinite(self, state: TrainState, metrics: Metrics) -> None:
+    def _raise_if_nonfinite(self, new_state: TrainState, metrics: Metrics) -> None:
         bad = np.atleast_1d(np.asarray(metrics["nonfinite"]))
         if bad.any():
-            first = int(np.asarray(state.step)) + int(np.argmax(bad))
-            raise FloatingPointError(
-                f"non-finite loss or parameters at step {first} (loss = "
-                f"{np.atleast_1d(np.asarray(metrics['loss']))[int(np.argmax(bad))]}); "
-                "the update was not applied. Lower the learning rate, check the data, "
-                "or pass nan_policy='skip' to drop such updates and continue."
+            i = int(np.argmax(bad))
+            first = int(np.asarray(new_state.step)) - len(bad) + i
+            loss = np.atleast_1d(np.asarray(metrics.get("loss", np.nan)))[i]
+            error = FloatingPointError(
+                f"non-finite loss or parameters at step {first} (loss = {loss}); the "
+                "update was not applied and the state is in this error's `state` "
+                "attribute. Lower the learning rate, check the data, or pass "
+                "nan_policy='skip' to drop such updates and continue."
             )
+            error.state = new_state  # pyright: ignore[reportAttributeAccessIssue]
+            raise error
 
 
 def _all_finite(tree: PyTree) -> Array:
@@ -483,7 +488,9 @@ def parallel_train_step(
         on a new leading axis, `(steps_per_call, n_devices, per_device, ...)`, and
         the metrics have a leading axis of that length.
     - `nan_policy`: what a non-finite loss or update does: `"raise"` (default)
-        raises `FloatingPointError` naming the step, with the update not applied;
+        raises `FloatingPointError` naming the step, with the update not applied
+        (the error's `state` attribute holds the state to continue from; this
+        policy reads one flag back to the host after every call);
         `"skip"` drops the update and continues (the step counter still advances,
         `metrics["nonfinite"]` is 1); `"ignore"` applies it.
     - `unroll`: the unroll of the `lax.scan` over `steps_per_call` steps (XLA:CPU
