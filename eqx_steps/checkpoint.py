@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,7 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import LatestN
 
+from ._io import atomic_write
 from .state import TrainState
 
 
@@ -167,22 +167,6 @@ def _config_dict(config: Any) -> dict[str, Any]:
     return out
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write `path` through a temporary file in the same directory + `os.replace`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints
 
@@ -207,11 +191,16 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     The step, or `None` when `workdir` does not exist or holds no complete
     checkpoint.
     """
+    # A directory listing rather than an orbax manager: a manager synchronises
+    # the processes of a multi-process job, and a process that skipped it (say,
+    # because the folder did not exist yet) would leave the others waiting.
+    # orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to
+    # `<step>` once complete, so the plain numeric names are the complete steps.
     path = _workdir(workdir)
     if not path.is_dir():
         return None
-    with _manager(path, create=False) as manager:
-        return manager.latest_step()
+    steps = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps, default=None)
 
 
 def checkpoint_save(
@@ -280,10 +269,15 @@ def checkpoint_save(
         manager.save(step, args=ocp.args.StandardSave(arrays))
         manager.wait_until_finished()
     if jax.process_index() == 0:
-        _atomic_write(
-            path / CONFIG_FILE,
-            lambda f: f.write(json.dumps(config_json, indent=2).encode() + b"\n"),
-        )
+        # Merge into what is there, so keys written by others (the CLI's model
+        # settings) survive the trainer's periodic saves.
+        config_path = path / CONFIG_FILE
+        old = {}
+        if config_path.is_file():
+            with contextlib.suppress(ValueError, OSError):
+                old = json.loads(config_path.read_text())
+        merged = {**old, **config_json} if isinstance(old, dict) else config_json
+        atomic_write(config_path, json.dumps(merged, indent=2).encode() + b"\n")
     return True
 
 
@@ -480,7 +474,7 @@ def save_model(
     Nothing.
     """
     file = Path(os.fspath(path))
-    _atomic_write(
+    atomic_write(
         file,
         lambda f: eqx.tree_serialise_leaves(
             f, (model, model_state), filter_spec=_serialise

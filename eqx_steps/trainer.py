@@ -15,7 +15,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, cast, TypedDict
@@ -26,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import PyTree
 
+from ._io import atomic_write
 from .checkpoint import checkpoint_restore, checkpoint_save
 from .data import create_input_iter
 from .losses import mse_loss
@@ -271,27 +271,8 @@ class History:
         ax_loss.set_title("loss")
         ax_snr.set_title("signal-to-noise ratio")
         fig.tight_layout()
-        _atomic_write(path, lambda f: fig.savefig(f, format="png"), binary=True)
+        atomic_write(path, lambda f: fig.savefig(f, format="png"))
         plt.close(fig)
-
-
-def _atomic_write(
-    path: str | os.PathLike, write: Callable[[Any], None], *, binary: bool = False
-) -> None:
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def parameter_overview(tree: PyTree) -> str:
@@ -562,7 +543,7 @@ class BasicTrainer:
             with open(path) as f:
                 old = f.read()
         line = json.dumps(dict(record)) + "\n"
-        _atomic_write(path, lambda f: f.write(old + line))
+        atomic_write(path, (old + line).encode())
 
     # -- the loop --------------------------------------------------------------
 

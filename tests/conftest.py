@@ -1,22 +1,16 @@
 """Test configuration: 4 CPU devices, so that every parallel path runs without a GPU.
 
-The flags must be set before JAX is imported anywhere, hence at the top of conftest.
+The XLA flags must be set before JAX starts its backend, hence at the top of conftest.
 """
 
 import os
-from importlib.metadata import version
+
+from eqx_steps.cli import configure_xla_flags
 
 
-_FLAGS = ["--xla_force_host_platform_device_count=4"]
-# XLA:CPU in jaxlib 0.10 runs convolutions ~3x faster with the experimental ynn
-# fusion off; older jaxlibs abort on the unknown flag (see docs/performance.md).
-if int(version("jaxlib").split(".")[1]) >= 10:
-    _FLAGS.append("--xla_cpu_experimental_ynn_fusion_type=")
-for _flag in _FLAGS:
-    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (
-            os.environ.get("XLA_FLAGS", "") + " " + _flag
-        ).strip()
+# XLA reads its flags when the backend starts, not at import: 4 CPU devices, and
+# the faster XLA:CPU convolution setting (see docs/performance.md).
+configure_xla_flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

@@ -1,0 +1,206 @@
+"""The `eqx-steps` command, run in-process through `main([...])` on the session's 4
+CPU devices, and once as `python -m eqx_steps --devices 2` in a subprocess."""
+
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from eqx_steps import cli
+
+
+TINY = [
+    "--depth", "3", "--filters", "8", "--patch", "16", "--train-size", "64",
+    "--test-size", "16", "--batch-size", "8", "--epochs", "1", "--lr", "1e-2",
+]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _table(text: str) -> dict[str, tuple[float, float]]:
+    """The rows of the printed SNR/PSNR summary: name -> (snr, psnr)."""
+    rows = {}
+    for name in ("noisy input", "denoised", "improvement"):
+        m = re.search(rf"^  {name}\s+([-+\d.]+)\s+([-+\d.]+)$", text, re.MULTILINE)
+        assert m, f"no {name!r} row in:\n{text}"
+        rows[name] = (float(m.group(1)), float(m.group(2)))
+    return rows
+
+
+def _exit_code(capsys, argv: list[str]) -> tuple[int, str]:
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    return int(info.value.code or 0), err
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny trained run: (run folder, printed output)."""
+    out = tmp_path_factory.mktemp("cli") / "run"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert cli.main(["train", *TINY, "--out", str(out)]) == 0
+    return out, buf.getvalue()
+
+
+def test_train_writes_the_run_folder(run):
+    out, text = run
+    files = set(os.listdir(out))
+    for name in ("config.json", "metrics.jsonl", "curves.png", "samples.png"):
+        assert name in files
+    assert "8" in files  # 64 patches / batch 8 = 8 steps: the final checkpoint
+    assert not [f for f in files if f.startswith(".tmp")]
+    for name in ("curves.png", "samples.png"):
+        assert (out / name).read_bytes()[:8] == PNG
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"] == "dncnn" and config["depth"] == 3
+    assert config["filters"] == 8 and config["patch"] == 16
+    assert config["epochs"] == 1 and config["seed"] == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    assert records[-1]["step"] == 8 and "eval_snr" in records[-1]
+    # The progress bar, then the summary with the improvement in dB.
+    assert "train:" in text and "8/8" in text
+    rows = _table(text)
+    assert rows["improvement"][0] == pytest.approx(
+        rows["denoised"][0] - rows["noisy input"][0], abs=0.02
+    )
+
+
+def test_evaluate_and_info_read_the_run_back(run, capsys):
+    out, text = run
+    assert cli.main(["evaluate", str(out)]) == 0
+    evaluated = capsys.readouterr().out
+    assert "checkpoint step 8" in evaluated
+    # The same checkpoint and the same regenerated test set: the same numbers.
+    assert _table(evaluated) == _table(text)
+
+    assert cli.main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert '"dncnn"' in info and "Parameters at checkpoint step 8" in info
+    assert "conv_start.weight" in info and "Total:" in info
+    assert "Last metrics record" in info and "eval_snr" in info
+
+
+def test_resume_continues_from_the_checkpoint(run, tmp_path, capsys):
+    out = tmp_path / "resumed"
+    shutil.copytree(run[0], out)
+    # Settings from a TOML file; the command line overrides them.
+    config = tmp_path / "more.toml"
+    config.write_text("epochs = 3\nlr = 1e-2\n")
+    argv = ["train", "--out", str(out), "--resume", "--config", str(config)]
+    assert cli.main([*argv, "--epochs", "2"]) == 0
+    text = capsys.readouterr().out
+    assert "resuming at step 8" in text and "16/16" in text
+    assert "16" in os.listdir(out)
+    assert json.loads((out / "config.json").read_text())["epochs"] == 2
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    assert steps[-1] == 16 and steps == sorted(steps) and 8 in steps
+
+
+def test_existing_run_folder_needs_resume(run, capsys):
+    code, err = _exit_code(capsys, ["train", *TINY, "--out", str(run[0])])
+    assert code == 2 and "--resume" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        (["train", "--epochs", "-1"], "--epochs"),
+        (["train", "--epochs", "two"], "--epochs"),
+        (["train", "--model", "foo"], "dncnn"),
+        (["train", "--backend", "x"], "sharded"),
+        (["train", "--lr", "0"], "--lr"),
+        (["train", "--noise", "nan"], "--noise"),
+        (["train", "--model", "unet", "--patch", "30"], "divisible"),
+        (["train", "--resume"], "--out"),
+        (["train", "--devices", "2"], "4 devices"),  # JAX already has 4 here
+        (["evaluate", "/nonexistent/run"], "does not exist"),
+        (["info", "/nonexistent/run"], "does not exist"),
+        (["frobnicate"], "invalid choice"),
+        ([], "required"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(capsys, argv, words):
+    code, err = _exit_code(capsys, argv)
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert "error:" in err and words in err
+
+
+@pytest.mark.parametrize(
+    "name, content, words",
+    [
+        ("typo.json", '{"model": "dncnn", "epoch": 3}', "did you mean 'epochs'"),
+        ("type.toml", 'epochs = "three"\n', "integer"),
+        ("broken.toml", "model = \n", "not valid TOML"),
+        ("list.json", "[1, 2]", "table of settings"),
+        ("choice.json", '{"backend": "mpi"}', "pmap, sharded"),
+        (None, None, "cannot read"),
+    ],
+)
+def test_bad_config_file_exits_2(capsys, tmp_path, name, content, words):
+    path = tmp_path / (name or "missing.toml")
+    if content is not None:
+        path.write_text(content)
+    code, err = _exit_code(capsys, ["train", "--config", str(path)])
+    assert code == 2
+    assert len(err.strip().splitlines()) == 1, err
+    assert words in err
+
+
+def test_library_validation_error_exits_2_and_leaves_no_folder(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--batch-size", "6", "--out", str(out)]
+    code, err = _exit_code(capsys, argv)  # 6 is not divisible by the 4 devices
+    assert code == 2 and "divisible" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def test_run_folder_without_config_is_refused(tmp_path, capsys):
+    (tmp_path / "config.json").write_text('{"seed": 0}')
+    code, err = _exit_code(capsys, ["evaluate", str(tmp_path)])
+    assert code == 2 and "'model'" in err
+
+
+def test_configure_xla_flags(monkeypatch):
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    flags = cli.configure_xla_flags(3)
+    assert "--xla_force_host_platform_device_count=3" in flags
+    assert ("--xla_cpu_experimental_ynn_fusion_type=" in flags) == (
+        cli._jaxlib_version() >= (0, 10)
+    )
+    # A user's own XLA_FLAGS: kept, only the device count replaced.
+    user = "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1"
+    monkeypatch.setenv("XLA_FLAGS", user)
+    flags = cli.configure_xla_flags(2)
+    assert flags.split() == [
+        "--xla_cpu_foo=1",
+        "--xla_force_host_platform_device_count=2",
+    ]
+    monkeypatch.setenv("XLA_FLAGS", user)
+    assert cli.configure_xla_flags(None) == user
+    with pytest.raises(ValueError, match="devices"):
+        cli.configure_xla_flags(0)
+
+
+def test_python_m_with_two_devices(tmp_path):
+    """End to end in a fresh process: --devices 2 replaces the 4 of XLA_FLAGS."""
+    out = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, "-m", "eqx_steps", "train", *TINY, "--out", str(out),
+         "--devices", "2", "--backend", "sharded"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "on 2 cpu device(s)" in result.stdout
+    assert "improvement" in result.stdout
+    assert {"config.json", "metrics.jsonl", "curves.png", "samples.png", "8"} <= set(
+        os.listdir(out)
+    )
+    assert json.loads((out / "config.json").read_text())["device_count"] == 2
