@@ -54,8 +54,11 @@ def train_step(model, state, opt_state, x, target):
 
 
 @eqx.filter_jit
-def infer(model, state, x):
-    return per_example(eqx.nn.inference_mode(model), state, x)
+def forward(model, state, x):
+    """Training-mode and inference-mode outputs, and the states after each."""
+    y_train, state_train = per_example(model, clone(state), x)
+    y_infer, state_infer = per_example(eqx.nn.inference_mode(model), state, x)
+    return y_train, state_train, y_infer, state_infer
 
 
 def clone(state):
@@ -115,7 +118,7 @@ def test_counts_equal_scico(cls, kwargs, params, stats):
 )
 def test_forward_shapes_of_large_models(cls, kwargs, size):
     # Traced abstractly (nothing compiled), in training and inference mode.
-    def forward(inference):
+    def build_and_apply(inference):
         model, state = eqx.nn.make_with_state(cls)(**kwargs, key=jax.random.key(0))
         if inference:
             model = eqx.nn.inference_mode(model)
@@ -123,7 +126,7 @@ def test_forward_shapes_of_large_models(cls, kwargs, size):
         return per_example(model, state, x)
 
     for inference in (False, True):
-        y, state = eqx.filter_eval_shape(forward, inference)
+        y, state = eqx.filter_eval_shape(build_and_apply, inference)
         assert y.shape == (2, *size, kwargs["channels"])
 
 
@@ -138,7 +141,8 @@ SMALL = {
     "resnet": (ResNet, dict(depth=2, channels=1, num_filters=8)),
     "unet": (UNet, dict(depth=2, channels=1, num_filters=8)),
 }
-# Two spatial sizes each; the U-Net's (depth 2) must be even.
+# Two spatial sizes: training steps on the first, forward passes in training and
+# inference mode on the second (the U-Net's, depth 2, must be even).
 SIZES = [(16, 16), (8, 12)]
 
 
@@ -155,11 +159,10 @@ def batch(name, size, n=4, seed=0):
     return x, x + 0.1 * jax.random.normal(kt, x.shape)
 
 
-@pytest.mark.parametrize("size", SIZES)
 @pytest.mark.parametrize("name", list(SMALL))
-def test_gradient_steps(name, size):
+def test_gradient_steps(name):
     model, state = small(name)
-    x, target = batch(name, size)
+    x, target = batch(name, SIZES[0])
     opt_state = OPT.init(eqx.filter(model, eqx.is_inexact_array))
     new_model, new_state, opt_state, loss, y = train_step(
         model, clone(state), opt_state, x, target
@@ -188,22 +191,24 @@ def test_gradient_steps(name, size):
 
 @pytest.mark.parametrize("name", list(SMALL))
 def test_inference_mode(name):
+    # Statistics from a training step at one size, forward at another size.
     model, state = small(name)
-    x, target = batch(name, SIZES[0])
+    x0, target = batch(name, SIZES[0])
     opt_state = OPT.init(eqx.filter(model, eqx.is_inexact_array))
-    _, trained_state, _, _, y_train = train_step(
-        model, clone(state), opt_state, x, target
-    )
-    y1, state1 = infer(model, clone(trained_state), x)
-    y2, _ = infer(model, clone(trained_state), x)
-    assert y1.shape == x.shape
-    assert bool(jnp.all(jnp.isfinite(y1)))
+    _, trained, *_ = train_step(model, clone(state), opt_state, x0, target)
+    x, _ = batch(name, SIZES[1])
+    y_train, state_train, y1, state1 = forward(model, clone(trained), x)
+    _, _, y2, _ = forward(model, clone(trained), x)
+    for y in (y_train, y1):
+        assert y.shape == x.shape
+        assert bool(jnp.all(jnp.isfinite(y)))
+    assert not tree_allclose(state_train, clone(trained))  # training updates it
+    assert tree_allclose(state1, clone(trained))  # inference does not
     np.testing.assert_array_equal(y1, y2)  # deterministic
-    assert tree_allclose(state1, clone(trained_state))  # state untouched
     assert not np.allclose(y1, y_train, atol=1e-4)  # running vs batch statistics
     # Inference is per example: an example's output does not depend on the others.
-    other, _ = batch(name, SIZES[0], seed=1)
-    y3, _ = infer(model, clone(trained_state), x.at[1:].set(other[1:]))
+    other, _ = batch(name, SIZES[1], seed=1)
+    _, _, y3, _ = forward(model, clone(trained), x.at[1:].set(other[1:]))
     np.testing.assert_allclose(y3[0], y1[0], rtol=1e-5, atol=1e-6)
 
 
@@ -219,11 +224,11 @@ def test_convbnnet_output_is_batch_normalised():
 
 
 def test_residual_connections():
-    x, _ = batch("dncnn", SIZES[0])
+    x, _ = batch("dncnn", SIZES[1])
     # DnCNN: y = x - net(x); a zero last convolution gives the identity.
     model, state = small("dncnn")
     model = eqx.tree_at(lambda m: m.conv_end.weight, model, replace_fn=jnp.zeros_like)
-    y, _ = infer(model, clone(state), x)
+    *_, y, _ = forward(model, clone(state), x)
     np.testing.assert_allclose(y, x, atol=1e-6)
     # ResNet: y = x + net(x); a zero last batch-norm scale and bias gives x.
     model, state = small("resnet")
@@ -232,7 +237,7 @@ def test_residual_connections():
         model,
         replace_fn=jnp.zeros_like,
     )
-    y, _ = infer(model, clone(state), x)
+    *_, y, _ = forward(model, clone(state), x)
     np.testing.assert_allclose(y, x, atol=1e-6)
 
 
@@ -358,11 +363,14 @@ def test_conv_matches_equinox_conv2d(
 
 def test_circular_padding_is_periodic():
     # Circular padding makes the convolution commute with circular shifts.
-    conv = ChannelsLastConv2d(2, 3, key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (8, 8, 2))
-    shifted = jnp.roll(x, (3, -2), axis=(0, 1))
-    y, y_shifted = eqx.filter_vmap(conv)(jnp.stack([x, shifted]))
-    np.testing.assert_allclose(y_shifted, jnp.roll(y, (3, -2), axis=(0, 1)), atol=1e-5)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 8, 2)).astype(np.float32)
+    shifted = np.roll(x, (3, -2), axis=(0, 1))
+    conv = eqx.filter_eval_shape(ChannelsLastConv2d, 2, 3, key=jax.random.key(0))
+    weight = jnp.asarray(rng.normal(size=(3, 2, 3, 3)), jnp.float32)
+    conv = eqx.tree_at(lambda c: c.weight, conv, weight)
+    y, y_shifted = eqx.filter_jit(eqx.filter_vmap(conv))(np.stack([x, shifted]))
+    np.testing.assert_allclose(y_shifted, np.roll(y, (3, -2), axis=(0, 1)), atol=1e-5)
 
 
 @eqx.filter_jit
@@ -377,12 +385,15 @@ def _norm_steps(norm, state, x):
     return (y1, y2, y3), state
 
 
-@pytest.mark.parametrize("mode", ["batch", "ema"])
+@pytest.mark.parametrize(
+    "mode, fast_variance", [("batch", False), ("batch", True), ("ema", True)]
+)
 @pytest.mark.parametrize("affine", [True, False])
-def test_batch_norm_matches_equinox(mode, affine):
-    # Channels-last input, the same results as Equinox's channels-first layer.
+def test_batch_norm_matches_equinox(mode, fast_variance, affine):
+    # Channels-last input, the same results as Equinox's channels-first layer
+    # (with Flax's one-pass variance, equal up to rounding).
     kwargs = dict(momentum=0.9, channelwise_affine=affine, mode=mode)
-    norm = ChannelsLastBatchNorm(3, **kwargs)
+    norm = ChannelsLastBatchNorm(3, **kwargs, fast_variance=fast_variance)
     norm_ref = eqx.nn.BatchNorm(3, "batch", **kwargs)
     if affine:
         w, b = jnp.array([0.5, 1.0, 2.0]), jnp.array([0.0, -1.0, 3.0])
@@ -438,5 +449,10 @@ def test_bad_inputs_raise():
         ValueError, match=r"`kernel_size` must be positive, got \(3, 0\)"
     ):
         build(UNet, depth=2, channels=1, kernel_size=(3, 0))
+    with pytest.raises(
+        ValueError,
+        match=r"`window_shape` must be .*\(3, 3\).*got window_shape=\(2, 2\)",
+    ):
+        build(UNet, depth=2, channels=1, window_shape=(2, 2), upsampling=3)
     with pytest.raises(ValueError, match=r"`padding_mode` must be .*got 'wrap'"):
         ChannelsLastConv2d(1, 1, padding_mode="wrap", key=jax.random.key(0))  # pyright: ignore

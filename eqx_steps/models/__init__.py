@@ -1,0 +1,25 @@
+"""Reference Equinox models with SCICO's architectures, channels-last.
+
+Each model takes one example `(height, width, channels)` and an
+`eqx.nn.State` and returns `(y, state)`; build one with
+`eqx.nn.make_with_state(DnCNN)(depth=..., channels=..., key=...)`.
+"""
+
+from ._blocks import (
+    ConvBNBlock as ConvBNBlock,
+    ConvBNMultiBlock as ConvBNMultiBlock,
+    ConvBNPoolBlock as ConvBNPoolBlock,
+    ConvBNUpsampleBlock as ConvBNUpsampleBlock,
+)
+from ._convbn import ConvBNNet as ConvBNNet, ResNet as ResNet
+from ._dncnn import DnCNN as DnCNN
+from ._layers import (
+    ChannelsLastBatchNorm as ChannelsLastBatchNorm,
+    ChannelsLastConv2d as ChannelsLastConv2d,
+    glorot_normal as glorot_normal,
+    he_normal as he_normal,
+    lecun_normal as lecun_normal,
+    max_pool as max_pool,
+    upscale_nn as upscale_nn,
+)
+from ._unet import UNet as UNet
