@@ -19,12 +19,32 @@ from .state import TrainState
 from .trainer import _check_dataset, evaluate_dataset, TrainConfig
 
 
-def _state(
+def restore_state(
     config: Mapping[str, Any] | TrainConfig,
     model: PyTree,
-    model_state: eqx.nn.State | None,
-    workdir: str | os.PathLike | None,
+    model_state: eqx.nn.State | None = None,
+    workdir: str | os.PathLike | None = None,
 ) -> tuple[TrainConfig, TrainState]:
+    """The state a run with `config` builds, restored from `workdir` if given.
+
+    The state is built as `BasicTrainer` builds it (`config`'s
+    `create_train_state`, optimizer and schedule), so that it has the structure
+    of the run's checkpoints.
+
+    **Arguments:**
+
+    - `config`: the run's configuration (a dict or a `TrainConfig`).
+    - `model`, `model_state`: a model (and its state) of the run's structure.
+    - `workdir`: the checkpoint folder; `None` keeps `model` as given.
+
+    **Returns:**
+
+    A 2-tuple of the validated `TrainConfig` and the state.
+
+    **Raises:**
+
+    `FileNotFoundError` naming `workdir` when it holds no checkpoint.
+    """
     cfg = TrainConfig.from_dict(config)
     schedule_config = {**cfg.to_dict(), "steps_per_epoch": 1}
     state = cfg.create_train_state(
@@ -84,7 +104,7 @@ def only_apply(
             + (f" with keys {sorted(test_ds)}" if isinstance(test_ds, Mapping) else "")
             + "."
         )
-    cfg, state = _state(config, model, model_state, workdir)
+    cfg, state = restore_state(config, model, model_state, workdir)
     batch_size = _batch_size(cfg)
     data = IterateData({"image": test_ds["image"]}, batch_size, train=False)
     mesh = Mesh(np.asarray(jax.local_devices()), ("device",))
@@ -129,7 +149,7 @@ def only_evaluate(
     A dict of metrics.
     """
     _check_dataset("test_ds", test_ds)
-    cfg, state = _state(config, model, model_state, workdir)
+    cfg, state = restore_state(config, model, model_state, workdir)
     eval_fn = parallel_eval_step(
         cfg.criterion,
         cfg.metrics_fn,

@@ -891,8 +891,9 @@ def _info(args: argparse.Namespace) -> int:
     config = _read_json(os.path.join(args.run_dir, CONFIG_FILE))
     _start_jax(None, None)
 
-    from .checkpoint import checkpoint_restore, latest_step
-    from .trainer import parameter_overview, TrainConfig
+    from .apply import restore_state
+    from .checkpoint import latest_step
+    from .trainer import parameter_overview
 
     print(f"Run folder: {args.run_dir}")
     print(f"Configuration ({CONFIG_FILE}):")
@@ -904,17 +905,8 @@ def _info(args: argparse.Namespace) -> int:
     if step is None:
         print("No checkpoint: the parameters of the initial model.")
     else:
-        # A state built as the trainer builds it, for the checkpoint's structure.
-        cfg = TrainConfig()
-        schedule_config = {**cfg.to_dict(), "steps_per_epoch": 1}
-        state = cfg.create_train_state(
-            schedule_config,
-            model,
-            cfg.lr_schedule(schedule_config),
-            model_state=model_state,
-        )
         try:
-            state = checkpoint_restore(state, args.run_dir)
+            _, state = restore_state({}, model, model_state, args.run_dir)
         except (ValueError, TypeError, FileNotFoundError) as e:
             raise _UsageError(_one_line(e)) from None
         model, model_state = state.model, state.model_state

@@ -455,30 +455,23 @@ class BasicTrainer:
         if cfg.checkpointing:
             state = checkpoint_restore(state, self.workdir, ok_no_ckpt=True)
         self.state = state
-        self.train_fn = parallel_train_step(
-            self.lr_schedule,
-            cfg.criterion,
-            cfg.metrics_fn,
-            post_lst=cfg.post_lst,
-            train_step_fn=cfg.train_step_fn,
-            backend=cfg.backend,  # pyright: ignore
-            steps_per_call=1,
-            nan_policy=cfg.nan_policy,  # pyright: ignore
-        )
-        self.multi_fn = (
-            parallel_train_step(
+
+        def train_fn(steps_per_call: int):
+            return parallel_train_step(
                 self.lr_schedule,
                 cfg.criterion,
                 cfg.metrics_fn,
                 post_lst=cfg.post_lst,
                 train_step_fn=cfg.train_step_fn,
                 backend=cfg.backend,  # pyright: ignore
-                steps_per_call=cfg.steps_per_call,
+                steps_per_call=steps_per_call,
                 nan_policy=cfg.nan_policy,  # pyright: ignore
             )
-            if cfg.steps_per_call > 1
-            else None
-        )
+
+        # Single steps fill up to log and checkpoint boundaries.
+        self.train_fn = train_fn(1)
+        k = cfg.steps_per_call
+        self.multi_fn = train_fn(k) if k > 1 else None
         self.eval_fn = parallel_eval_step(
             cfg.criterion,
             cfg.metrics_fn,

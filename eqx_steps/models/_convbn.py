@@ -143,73 +143,25 @@ class ConvBNNet(eqx.Module):
         The output, of the shape of `x`, and the updated state.
         """
         del key
-        _check_example(x, self.channels, "ConvBNNet")
+        _check_example(x, self.channels, type(self).__name__)
         for block in self.blocks:
             x, state = block(x, state)
         return self.norm_end(self.conv_end(x), state)
 
 
-class ResNet(eqx.Module):
+class ResNet(ConvBNNet):
     """Convolution + batch-norm blocks with a residual connection, as SCICO's
     `ResNet`.
 
     The layers of `ConvBNNet` (`depth - 1` convolution, batch-norm, activation
     blocks, then a convolution back to `channels` channels and a batch norm),
-    with the input added to the output: `y = x + net(x)`. Weights are drawn as
-    SCICO draws them (Flax's `xavier_normal()`).
+    with the input added to the output: `y = x + net(x)`. Same constructor
+    arguments as `ConvBNNet`; weights are drawn as SCICO draws them (Flax's
+    `xavier_normal()`).
 
     Build it with `eqx.nn.make_with_state` and apply it per example under a
     `vmap` with `axis_name="batch"` (see `DnCNN`).
     """
-
-    blocks: tuple[ConvBNBlock, ...]
-    conv_end: ChannelsLastConv2d
-    norm_end: ChannelsLastBatchNorm
-    depth: int = eqx.field(static=True)
-    channels: int = eqx.field(static=True)
-    num_filters: int = eqx.field(static=True)
-
-    def __init__(
-        self,
-        depth: int,
-        channels: int,
-        num_filters: int = 64,
-        kernel_size: int | Sequence[int] = (3, 3),
-        strides: int | Sequence[int] = (1, 1),
-        act: Callable[[Array], Array] = jax.nn.relu,
-        dtype=None,
-        *,
-        bn_axis_name: Hashable | Sequence[Hashable] = "batch",
-        key: PRNGKeyArray,
-    ):
-        """**Arguments:**
-
-        - `depth`: the number of convolution layers (at least 1).
-        - `channels`: the number of channels of the input (and output).
-        - `num_filters`: the number of filters of the hidden layers.
-        - `kernel_size`: the convolution kernel size.
-        - `strides`: the convolution strides.
-        - `act`: the activation function of the hidden blocks (SCICO: ReLU).
-        - `dtype`: the dtype of the parameters and batch statistics (default
-            `float32`).
-        - `bn_axis_name`: the named axis (or axes) of the batch statistics:
-            `"batch"` (per device) or `("device", "batch")` (across devices).
-        - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only.)
-        """
-        self.blocks, self.conv_end, self.norm_end = _build(
-            depth,
-            channels,
-            num_filters,
-            kernel_size,
-            strides,
-            act,
-            dtype,
-            bn_axis_name,
-            key,
-        )
-        self.depth = int(depth)  # validated by _build
-        self.channels = int(channels)
-        self.num_filters = int(num_filters)
 
     def __call__(
         self,
@@ -229,9 +181,5 @@ class ResNet(eqx.Module):
         The output, of the shape of `x`, and the updated state.
         """
         del key
-        _check_example(x, self.channels, "ResNet")
-        y = x
-        for block in self.blocks:
-            y, state = block(y, state)
-        y, state = self.norm_end(self.conv_end(y), state)
+        y, state = super().__call__(x, state)
         return x + y, state
