@@ -1,0 +1,139 @@
+"""Peak memory of a few Adam steps on a large MLP, in a fresh process.
+
+    python benchmarks/memory_probe.py --impl library --donate 1 --params 50e6
+
+prints one JSON line: the RSS after importing JAX (`base_mb`), after building
+the state (`state_mb`), and the peak over the whole run (`peak_mb`), all from
+the kernel's own accounting of this process (`VmRSS`/`VmHWM`; XLA:CPU has no
+`memory_stats`). The device count comes from `EQX_STEPS_BENCH_DEVICES`, as for
+the suite. The library runs `backend="pmap"`; `--impl baseline` runs the same
+steps as raw `jax.pmap` over a flat tuple of arrays, with or without
+`donate_argnums`, and `--impl baseline-jit` as raw `jax.jit` on one device with
+no collective (the floor: no buffers for the gradient all-reduce).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import conftest  # noqa: E402, F401  (sets XLA_FLAGS before JAX is imported)
+
+
+def _analyse(fn, *args) -> dict:
+    """XLA's memory analysis of the compiled `fn(*args)`, per device, in MB:
+    arguments + outputs - aliased (donated) + temporaries."""
+    try:
+        ma = fn.lower(*args).compile().memory_analysis()
+        mb = {
+            k: getattr(ma, f"{k}_size_in_bytes") / 2**20
+            for k in ("argument", "output", "alias", "temp")
+        }
+    except Exception as e:  # noqa: BLE001 - an optional figure
+        return {"xla_error": repr(e)}
+    mb["peak"] = mb["argument"] + mb["output"] - mb["alias"] + mb["temp"]
+    return {f"xla_{k}_mb": v for k, v in mb.items()}
+
+
+def _xla_memory(step, state, batch) -> dict:
+    # The library's compiled function, looked up as its call path does. Private
+    # API: a figure for this report, not something to build on.
+    from eqx_steps import parallel
+
+    dynamic, flat = parallel._split(state)
+    fn = step._cache[parallel._cache_key(flat)]
+    return _analyse(fn, dynamic, step._place_batch(batch))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument(
+        "--impl", choices=("library", "baseline", "baseline-jit"), default="library"
+    )
+    p.add_argument("--donate", type=int, choices=(0, 1), default=1)
+    p.add_argument("--params", type=float, default=50e6, help="about this many")
+    p.add_argument("--steps", type=int, default=3)
+    args = p.parse_args(argv)
+
+    import equinox as eqx
+    import jax
+    import numpy as np
+    import workloads as w
+    from memory import PeakRSS, rss_mb
+
+    import eqx_steps as es
+
+    # MLP 64 -> width x (depth - 1) -> 64: about depth * width^2 parameters.
+    depth = 4
+    width = max(8, int(round((args.params / (depth - 1)) ** 0.5)))
+    n = jax.device_count()
+    batch = w.batch("tiny", w.Sizes(batch=8 * n, features=(64, width, 64)))
+    base_mb = rss_mb()
+    peak = PeakRSS()
+
+    model = eqx.nn.MLP(64, 64, width, depth, key=jax.random.key(0))
+    n_params = sum(
+        x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
+    )
+    if args.impl == "library":
+        state = es.TrainState.create(model, w.TX)
+        del model
+        step = w.library_step("train", "pmap", donate=bool(args.donate))
+        jax.block_until_ready(state)
+        state_mb = rss_mb()
+        state, metrics = step(state, batch)  # the first call copies the state
+        jax.block_until_ready((state, metrics))
+        first_peak_mb, start_mb = peak.reset()
+        xla = _xla_memory(step, state, batch)
+        for _ in range(args.steps):
+            state, metrics = step(state, batch)
+        jax.block_until_ready((state, metrics))
+    else:
+        net = w.raw_net("tiny", model)
+        del model
+        arrays = w.raw_state(net)
+        # keep only the shapes in `net`, so that it holds no second copy
+        net.params = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in net.params)
+        backend = "jit" if args.impl == "baseline-jit" else "pmap"
+        step = w.raw_step(net, "train", backend, donate=bool(args.donate))
+        if backend == "jit":
+            batch = w.single_device_batch(batch)
+        jax.block_until_ready(arrays)
+        state_mb = rss_mb()
+        arrays = w.place_raw_state(arrays, backend)  # as the library's first call
+        arrays, metrics = step(arrays, batch)
+        jax.block_until_ready((arrays, metrics))
+        first_peak_mb, start_mb = peak.reset()
+        xla = _analyse(step, arrays, batch)
+        for _ in range(args.steps):
+            arrays, metrics = step(arrays, batch)
+        jax.block_until_ready((arrays, metrics))
+    print(
+        json.dumps(
+            {
+                "impl": args.impl,
+                "donate": bool(args.donate),
+                "devices": n,
+                "params": int(n_params),
+                "steps": args.steps,
+                "base_mb": base_mb,
+                "state_mb": state_mb,
+                # the first call (trace, compile, copy the state onto the devices)
+                "first_call_peak_mb": first_peak_mb,
+                # the following steps: what donation is for
+                "steps_start_mb": start_mb,
+                "steps_peak_mb": peak.max_mb(),
+                "loss": float(np.asarray(metrics["loss"])),
+                # XLA's own accounting of the compiled step, per device
+                **xla,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
