@@ -481,7 +481,7 @@ def main(argv=None) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--devices", default="1,4", help="device counts (default 1,4)")
-    p.add_argument("--max-runs", type=int, default=4, help="runs per group at most")
+    p.add_argument("--max-runs", type=int, default=3, help="runs per group at most")
     p.add_argument("--tolerance", type=float, default=0.03)
     p.add_argument("--stat", default="min", choices=("min", "median", "mean"))
     p.add_argument("--out-dir", default=os.path.join(ROOT, ".benchmarks", "report"))
