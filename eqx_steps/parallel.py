@@ -267,7 +267,8 @@ class _ParallelFn:
         self.batch_sharding = NamedSharding(self.mesh, batch_spec)
         self.state_sharding = NamedSharding(self.mesh, P())
         self._cache: dict[Any, Callable] = {}
-        self._last_ids: tuple[int, ...] = ()
+        self._last_state: TrainState | None = None
+        self._last: tuple[list[Any], _Flat, Callable] | None = None
 
     # -- the per-device body -------------------------------------------------
 
@@ -384,12 +385,9 @@ class _ParallelFn:
         return out
 
     def _place_state(self, dynamic: list[Any]) -> list[Any]:
-        # The state this function returned last time is already in place. Any
-        # other state is copied onto every device first, so that donation only
-        # ever consumes buffers this library made (never, say, the arrays of the
-        # model the user built the state from).
-        if tuple(map(id, dynamic)) == self._last_ids:
-            return dynamic
+        # A state this function did not just return is copied onto every device
+        # first, so that donation only ever consumes buffers this library made
+        # (never, say, the arrays of the model the user built the state from).
         sharding = self.state_sharding
         if jax.process_count() == 1:
             # device_put(may_alias=False) still shares the first device's buffer
@@ -413,17 +411,24 @@ class _ParallelFn:
                 " build one with `TrainState.create(model, tx)`."
             )
         self._check_batch(batch)
-        dynamic, flat = _split(state)
-        key = _cache_key(flat)
-        fn = self._cache.get(key)
-        if fn is None:
-            fn = self._cache[key] = self._compile(flat)
-        new_dynamic, metrics = fn(self._place_state(dynamic), self._place_batch(batch))
+        if self._last is not None and state is self._last_state:
+            # The state this function returned last time (the usual training
+            # loop): its leaves are in place and its structure is known, so the
+            # flatten, the cache lookup and the placement checks are skipped.
+            dynamic, flat, fn = self._last
+        else:
+            dynamic, flat = _split(state)
+            key = _cache_key(flat)
+            fn = self._cache.get(key)
+            if fn is None:
+                fn = self._cache[key] = self._compile(flat)
+            dynamic = self._place_state(dynamic)
+        new_dynamic, metrics = fn(dynamic, self._place_batch(batch))
         _throttle(metrics)
         if not self.returns_state:
             return metrics
-        self._last_ids = tuple(map(id, new_dynamic))
         new_state = flat.build(new_dynamic)
+        self._last_state, self._last = new_state, (new_dynamic, flat, fn)
         if self.nan_policy == "raise":
             self._raise_if_nonfinite(new_state, metrics)
         return new_state, metrics
