@@ -45,6 +45,7 @@ from typing import Any
 import numpy as np
 
 from ._io import atomic_write
+from .distributed import backends_started
 
 
 __all__ = ["configure_xla_flags", "default_cpu_devices", "main"]
@@ -118,12 +119,6 @@ def configure_xla_flags(devices: int | None = None) -> str:
         flags.append(_YNN_FLAG)
     os.environ["XLA_FLAGS"] = " ".join(flags)
     return os.environ["XLA_FLAGS"]
-
-
-def _backends_started() -> bool:
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
 
 
 # ---------------------------------------------------------------------------
@@ -677,7 +672,7 @@ def _start_jax(devices: int | None, distributed: dict[str, Any] | None) -> None:
     """Configure the devices (and join a multi-process job) before JAX starts."""
     import jax
 
-    if _backends_started():
+    if backends_started():
         if distributed is not None:
             raise _UsageError(
                 "the multi-process options need a fresh process: JAX has already "

@@ -31,7 +31,8 @@ def _env_int(name: str) -> int | None:
         ) from None
 
 
-def _backends_started() -> bool:
+def backends_started() -> bool:
+    """Whether JAX has started its backends (after which XLA flags are fixed)."""
     from jax._src import xla_bridge
 
     return xla_bridge.backends_are_initialized()
@@ -76,7 +77,7 @@ def initialize(
     Nothing. Afterwards `jax.process_count()`, `jax.process_index()` and
     `jax.devices()` describe the whole job.
     """
-    if _backends_started():
+    if backends_started():
         raise RuntimeError(
             "eqx_steps.distributed.initialize must run before JAX starts its "
             "backends, but something already touched JAX devices (jax.devices(), an "
