@@ -10,6 +10,12 @@ which `report.py` computes from `extra_info["steps_per_round"]`. The first call
 (trace + compile + run) is timed separately as `extra_info["first_call_s"]`.
 Both sides keep at most 8 calls in flight (the library's throttle; XLA:CPU's
 collectives deadlock with dozens queued).
+
+Each non-baseline case also times its group's baseline in rounds interleaved
+with its own (`extra_info["partner_times"]`), so that the ratio compares two
+measurements taken under the same load; the baseline's own test gives its
+standalone figure. With `--benchmark-disable` every case runs once at small
+sizes, and the dncnn cases that repeat a tiny case's code path are skipped.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import pytest
@@ -119,7 +126,7 @@ def _rounds(case: Case, quick: bool) -> tuple[int, int, int]:
         return 1, 1, 0
     if case.workload == "tiny":
         return max(1, 200 // case.k), 15, 2
-    return (2, 7, 1) if case.k == 1 else (1, 4, 1)
+    return (2, 10, 1) if case.k == 1 else (1, 4, 1)
 
 
 def _setup(case: Case, quick: bool):
@@ -202,7 +209,7 @@ BASELINES = {c.group: c for c in CASES if c.impl == "baseline" and not c.role}
 
 @dataclasses.dataclass
 class Built:
-    run: object  # run(n): n calls, then block
+    run: Callable[[int], None]  # run(n): n calls, then block
     k: int  # steps per call
     first_call_s: float
     peak_rss_mb: float  # rise of the peak RSS over building and the first call

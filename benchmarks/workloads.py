@@ -35,17 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import eqx_steps as es
 from eqx_steps.losses import mse_loss
 from eqx_steps.metrics import compute_metrics
-
-
-try:
-    from eqx_steps.models import DnCNN
-except ImportError:  # pragma: no cover - models/__init__.py not written yet
-    from eqx_steps.models._dncnn import DnCNN
-
-try:
-    from eqx_steps.postprocess import clip_range, construct_traversal
-except ImportError:  # pragma: no cover
-    clip_range = construct_traversal = None
+from eqx_steps.models import DnCNN
+from eqx_steps.postprocess import clip_range, construct_traversal
 
 
 LR = 1e-3
@@ -105,19 +96,8 @@ def library_model(workload: str, sizes: Sizes, seed: int = 0):
     )
 
 
-def _local_clip(params):
-    def clip(path, x):
-        if "weight" in jax.tree_util.keystr(path) and eqx.is_inexact_array(x):
-            return jnp.minimum(jnp.maximum(x, CLIP[0]), CLIP[1])
-        return x
-
-    return jax.tree_util.tree_map_with_path(clip, params)
-
-
 def post_lst():
     """The post-processors of the `post` cases: clip every weight to `CLIP`."""
-    if clip_range is None:  # pragma: no cover
-        return [_local_clip]
     return [
         functools.partial(
             clip_range,

@@ -210,9 +210,14 @@ _DYN = _Dyn()
 
 def _split(tree: Any) -> tuple[list[Any], _Flat]:
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    dynamic = [x for x in leaves if _is_dynamic(x)]
-    static = tuple(_DYN if _is_dynamic(x) else x for x in leaves)
-    return dynamic, _Flat(treedef, static)
+    dynamic, static = [], []
+    for x in leaves:  # one pass: _is_dynamic once per leaf
+        if _is_dynamic(x):
+            dynamic.append(x)
+            static.append(_DYN)
+        else:
+            static.append(x)
+    return dynamic, _Flat(treedef, tuple(static))
 
 
 def _cache_key(flat: _Flat) -> Any:
@@ -413,8 +418,9 @@ class _ParallelFn:
         self._check_batch(batch)
         if self._last is not None and state is self._last_state:
             # The state this function returned last time (the usual training
-            # loop): its leaves are in place and its structure is known, so the
-            # flatten, the cache lookup and the placement checks are skipped.
+            # loop), or evaluated last time (an evaluation loop): its leaves are
+            # in place and its structure is known, so the flatten, the cache
+            # lookup and the placement checks are skipped.
             dynamic, flat, fn = self._last
         else:
             dynamic, flat = _split(state)
@@ -426,6 +432,8 @@ class _ParallelFn:
         new_dynamic, metrics = fn(dynamic, self._place_batch(batch))
         _throttle(metrics)
         if not self.returns_state:
+            # An evaluation loop passes the same state batch after batch.
+            self._last_state, self._last = state, (dynamic, flat, fn)
             return metrics
         new_state = flat.build(new_dynamic)
         self._last_state, self._last = new_state, (new_dynamic, flat, fn)
