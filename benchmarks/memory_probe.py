@@ -10,6 +10,9 @@ the suite. The library runs `backend="pmap"`; `--impl baseline` runs the same
 steps as raw `jax.pmap` over a flat tuple of arrays, with or without
 `donate_argnums`, and `--impl baseline-jit` as raw `jax.jit` on one device with
 no collective (the floor: no buffers for the gradient all-reduce).
+`--impl library-split` is the library with XLA's CPU all-reduce combiner turned
+off (`XLA_FLAGS=... --xla_disable_hlo_passes=cpu-all-reduce-combiner`, which the
+caller sets): one all-reduce per gradient leaf instead of one for all of them.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402, F401  (sets XLA_FLAGS before JAX is imported)
+
+
+NO_COMBINER = "--xla_disable_hlo_passes=cpu-all-reduce-combiner"
 
 
 def _analyse(fn, *args) -> dict:
@@ -52,18 +58,22 @@ def _xla_memory(step, state, batch) -> dict:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
-        "--impl", choices=("library", "baseline", "baseline-jit"), default="library"
+        "--impl",
+        choices=("library", "library-split", "baseline", "baseline-jit"),
+        default="library",
     )
     p.add_argument("--donate", type=int, choices=(0, 1), default=1)
     p.add_argument("--params", type=float, default=50e6, help="about this many")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
+    if args.impl == "library-split" and NO_COMBINER not in os.environ["XLA_FLAGS"]:
+        p.error(f"--impl library-split needs XLA_FLAGS={NO_COMBINER}")
 
     import equinox as eqx
     import jax
     import numpy as np
     import workloads as w
-    from memory import PeakRSS, rss_mb
+    from memory import PeakRSS, rss_mb, trim
 
     import eqx_steps as es
 
@@ -72,6 +82,7 @@ def main(argv=None):
     width = max(8, int(round((args.params / (depth - 1)) ** 0.5)))
     n = jax.device_count()
     batch = w.batch("tiny", w.Sizes(batch=8 * n, features=(64, width, 64)))
+    trim()
     base_mb = rss_mb()
     peak = PeakRSS()
 
@@ -79,7 +90,7 @@ def main(argv=None):
     n_params = sum(
         x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
     )
-    if args.impl == "library":
+    if args.impl.startswith("library"):
         state = es.TrainState.create(model, w.TX)
         del model
         step = w.library_step("train", "pmap", donate=bool(args.donate))

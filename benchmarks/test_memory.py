@@ -16,11 +16,14 @@ import pytest
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMPLS = ("library", "baseline", "baseline-jit")
+IMPLS = ("library", "library-split", "baseline", "baseline-jit")
+NO_COMBINER = "--xla_disable_hlo_passes=cpu-all-reduce-combiner"
 
 
 def probe(impl: str, donate: bool, params: float) -> dict:
     env = dict(os.environ, EQX_STEPS_BENCH_DEVICES=str(jax.device_count()))
+    if impl == "library-split":
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {NO_COMBINER}"
     out = subprocess.run(
         [
             sys.executable,
@@ -45,7 +48,7 @@ def probe(impl: str, donate: bool, params: float) -> dict:
 @pytest.mark.parametrize("donate", [True, False], ids=["donate", "nodonate"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_memory(benchmark, impl, donate, quick):
-    if quick and impl != "library":
+    if quick and impl not in ("library", "library-split"):
         pytest.skip("the baselines run with --benchmark-only")
     params = 1e6 if quick else 50e6
     benchmark.group = "memory"

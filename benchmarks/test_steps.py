@@ -42,7 +42,7 @@ class Case:
     role: str = ""  # "library" | "baseline" | "reference" | "sweep"; default: impl
     donate: bool = True
     k: int = 1  # steps_per_call
-    unroll: int | bool = True
+    unroll: int | bool | str = True
     nan_policy: str = "ignore"  # same math as the baselines; "raise" measured apart
     layout: str = "HWIO"  # of the dncnn baseline's kernels
 
@@ -57,7 +57,7 @@ class Case:
         return self.workload == "tiny" or (
             self.kind != "post"
             and self.donate
-            and self.unroll in (1, True)
+            and self.unroll in (1, True, "auto")
             and self.role not in ("reference", "sweep")
         )
 
@@ -90,17 +90,25 @@ def _cases() -> list[Case]:
                     )
             add("nodonate", "library", "library", donate=False)
             add("nodonate", raw, "baseline", donate=False)
-            # The unroll of the scan over the steps of a call. XLA:CPU runs any
-            # rolled loop over convolutions some 30x slower (unroll=1, 2 and 5
-            # alike), so the dncnn sweep runs those settings once, on the default
-            # backend only ("sweep": one round, never rerun by report.py).
+            # The unroll of the scan over the steps of a call. "auto" (the
+            # default) unrolls fully on CPU for steps with convolutions and keeps
+            # the loop rolled otherwise. XLA:CPU runs any rolled loop over
+            # convolutions some 30x slower (unroll=1, 2 and 5 alike), so the
+            # dncnn sweep runs those settings once, on the default backend only
+            # ("sweep": one round, never rerun by report.py). For tiny, "auto" is
+            # a rolled loop; True shows the other choice.
             # (A list, not a dict: 1 == True.)
             if wl == "tiny":
-                unrolls = [(1, "library"), (True, "library")]
+                unrolls = [("auto", "library"), (True, "library")]
             elif be == "pmap":
-                unrolls = [(1, "sweep"), (2, "sweep"), (5, "sweep"), (True, "library")]
+                unrolls = [
+                    (1, "sweep"),
+                    (2, "sweep"),
+                    (5, "sweep"),
+                    ("auto", "library"),
+                ]
             else:
-                unrolls = [(True, "library")]
+                unrolls = [("auto", "library")]
             for u, role in unrolls:
                 add("k10", f"library-unroll={u}", "library", k=10, unroll=u, role=role)
             add("k10", f"{raw}-unroll=True", "baseline", k=10, unroll=True)

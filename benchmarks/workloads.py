@@ -114,7 +114,7 @@ def library_step(
     *,
     donate: bool = True,
     steps_per_call: int = 1,
-    unroll: int | bool = True,
+    unroll: int | bool | str = "auto",
     nan_policy: str = "ignore",
 ):
     """The library's parallel callable for `kind` in `train`, `post`, `eval`."""

@@ -240,7 +240,7 @@ class _ParallelFn:
         donate: bool,
         steps_per_call: int,
         nan_policy: NanPolicy,
-        unroll: int | bool,
+        unroll: int | bool | Literal["auto"],
     ):
         _check_choice("backend", backend, _BACKENDS)
         _check_choice("nan_policy", nan_policy, _NAN_POLICIES)
@@ -248,6 +248,15 @@ class _ParallelFn:
             raise ValueError(
                 f"`steps_per_call` = {steps_per_call!r} must be a positive int "
                 "(1 = one step per call)."
+            )
+        if not (
+            unroll == "auto"
+            or isinstance(unroll, bool)
+            or (isinstance(unroll, int) and unroll >= 1)
+        ):
+            raise ValueError(
+                f"`unroll` = {unroll!r} must be 'auto', True (unroll fully), False "
+                "or a positive int (steps per loop iteration)."
             )
         if backend == "pmap" and jax.process_count() > 1:
             raise ValueError(
@@ -313,7 +322,28 @@ class _ParallelFn:
 
         if self.steps_per_call == 1:
             return one_flat(dynamic, batch)
-        return jax.lax.scan(one_flat, dynamic, batch, unroll=self.unroll)
+        unroll = self.unroll
+        if isinstance(unroll, str):  # "auto"
+            unroll = self._auto_unroll(one_flat, dynamic, batch)
+        return jax.lax.scan(one_flat, dynamic, batch, unroll=unroll)
+
+    def _auto_unroll(
+        self, one_flat: Callable, dynamic: list[Any], batch: Batch
+    ) -> int | bool:
+        # XLA:CPU runs a rolled loop over convolutions some 30x slower than the
+        # unrolled one, while for dense steps the rolled loop is as fast or
+        # faster and compiles several times quicker (docs/performance.md).
+        if self.devices[0].platform != "cpu":
+            return 1
+        # The avals as they are (weak types included), the batch of one step.
+        avals = jax.tree_util.tree_map(jax.typeof, (dynamic, batch))
+        one_batch = jax.tree_util.tree_map(
+            lambda a: a.update(shape=a.shape[1:]), avals[1]
+        )
+        jaxpr = jax.make_jaxpr(one_flat, axis_env=[(DEVICE_AXIS, self.n_devices)])(
+            avals[0], one_batch
+        )
+        return True if _has_primitive(jaxpr.jaxpr, "conv_general_dilated") else 1
 
     def _compile(self, flat: _Flat) -> Callable:
         def body(dynamic, batch):
@@ -457,6 +487,27 @@ class _ParallelFn:
             raise error
 
 
+def _has_primitive(jaxpr: Any, name: str) -> bool:
+    """Whether `jaxpr` or a jaxpr nested in its equations uses primitive `name`."""
+
+    def nested(value: Any):
+        if hasattr(value, "eqns"):  # Jaxpr
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):  # ClosedJaxpr
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from nested(v)
+
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name:
+            return True
+        for value in eqn.params.values():
+            if any(_has_primitive(j, name) for j in nested(value)):
+                return True
+    return False
+
+
 def _all_finite(tree: PyTree) -> Array:
     leaves = [
         jnp.all(jnp.isfinite(x))
@@ -477,7 +528,7 @@ def parallel_train_step(
     donate: bool = True,
     steps_per_call: int = 1,
     nan_policy: NanPolicy = "raise",
-    unroll: int | bool = True,
+    unroll: int | bool | Literal["auto"] = "auto",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build a data-parallel training step over every device.
 
@@ -506,8 +557,11 @@ def parallel_train_step(
         policy reads one flag back to the host after every call);
         `"skip"` drops the update and continues (the step counter still advances,
         `metrics["nonfinite"]` is 1); `"ignore"` applies it.
-    - `unroll`: the unroll of the `lax.scan` over `steps_per_call` steps (XLA:CPU
-        runs a rolled loop over convolutions several times slower).
+    - `unroll`: the unroll of the `lax.scan` over `steps_per_call` steps, as for
+        `jax.lax.scan`. `"auto"` (default) unrolls fully on CPU when the step has
+        a convolution (XLA:CPU runs a rolled loop over convolutions some 30x
+        slower) and keeps the loop rolled otherwise (as fast or faster for dense
+        models, and much quicker to compile).
 
     **Returns:**
 

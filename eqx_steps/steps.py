@@ -45,11 +45,18 @@ def check_batch(batch: Any, argname: str = "batch") -> None:
         )
 
 
+def _no_collective(axis_name: AxisName) -> bool:
+    # `None`, or an axis of one device: a mean over it is the identity. Skipping
+    # it matters: XLA keeps a one-device all-reduce, with a second copy of every
+    # gradient alive across it.
+    return axis_name is None or jax.lax.axis_size(axis_name) == 1
+
+
 def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
-    """`lax.pmean` over `axis_name`, or the identity when it is `None`."""
-    if axis_name is None:
+    """`lax.pmean` over `axis_name`; the identity when it is `None` or has size 1."""
+    if _no_collective(axis_name):
         return tree
-    return jax.lax.pmean(tree, axis_name)
+    return jax.tree_util.tree_map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
 def mean_model_state(
@@ -59,7 +66,7 @@ def mean_model_state(
 
     Integer leaves (counters) are equal on every device and are left as they are.
     """
-    if model_state is None or axis_name is None:
+    if model_state is None or _no_collective(axis_name):
         return model_state
     return jax.tree_util.tree_map(
         lambda x: jax.lax.pmean(x, axis_name) if eqx.is_inexact_array(x) else x,
@@ -267,7 +274,7 @@ def eval_step(
     )(output, label)
     sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in per_example.items()}
     count = jnp.sum(mask)
-    if axis_name is not None:
+    if not _no_collective(axis_name):
         sums, count = jax.lax.psum((sums, count), axis_name)
     metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
     metrics["count"] = count

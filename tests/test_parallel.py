@@ -264,6 +264,29 @@ def test_bad_options_are_refused():
         es.parallel_train_step(lr_fn, mse, loss_metrics, nan_policy="warn")  # pyright: ignore
     with pytest.raises(ValueError, match="steps_per_call"):
         es.parallel_train_step(lr_fn, mse, loss_metrics, steps_per_call=0)
+    with pytest.raises(ValueError, match="unroll"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, unroll=0)
+
+
+def test_auto_unroll_finds_convolutions_in_nested_jaxprs():
+    # unroll="auto" unrolls the scan only for steps with a convolution, found
+    # through the jit/scan/vmap/grad that wrap it.
+    from eqx_steps.parallel import _has_primitive
+
+    conv = eqx.nn.Conv2d(1, 2, 3, key=jax.random.key(0))
+    dense = eqx.nn.Linear(4, 2, key=jax.random.key(0))
+
+    def nested(layer, x):
+        def body(c, x):
+            loss = lambda x: jnp.sum(jax.vmap(layer)(x))  # noqa: E731
+            return c + jax.jit(jax.grad(loss))(x).sum(), None
+
+        return jax.lax.scan(body, 0.0, x[None])[0]
+
+    with_conv = jax.make_jaxpr(functools.partial(nested, conv))(jnp.ones((2, 1, 5, 5)))
+    without = jax.make_jaxpr(functools.partial(nested, dense))(jnp.ones((2, 4)))
+    assert _has_primitive(with_conv.jaxpr, "conv_general_dilated")
+    assert not _has_primitive(without.jaxpr, "conv_general_dilated")
 
 
 # --- SCICO-style helpers --------------------------------------------------------------
