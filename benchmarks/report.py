@@ -238,13 +238,13 @@ def memory_table(records: list[dict]) -> list[str]:
         if "xla_peak_mb" in on and "xla_peak_mb" in off:
             xla = (
                 f"{on['xla_peak_mb']:.0f} / {off['xla_peak_mb']:.0f} MB "
-                f"| {on['xla_peak_mb'] / off['xla_peak_mb']:.2f}"
+                f"| {on['xla_peak_mb'] / off['xla_peak_mb']:.3f}"
             )
         else:
             xla = "n/a | n/a"
         lines.append(
             f"| {impl} | {devices} | {on['params'] / 1e6:.1f}M "
-            f"| {rss_on:.0f} / {rss_off:.0f} MB | {rss_on / rss_off:.2f} | {xla} |"
+            f"| {rss_on:.0f} / {rss_off:.0f} MB | {rss_on / rss_off:.3f} | {xla} |"
         )
     return lines
 

@@ -241,6 +241,7 @@ class _ParallelFn:
         steps_per_call: int,
         nan_policy: NanPolicy,
         unroll: int | bool | Literal["auto"],
+        compiler_options: dict[str, Any] | None = None,
     ):
         _check_choice("backend", backend, _BACKENDS)
         _check_choice("nan_policy", nan_policy, _NAN_POLICIES)
@@ -258,6 +259,11 @@ class _ParallelFn:
                 f"`unroll` = {unroll!r} must be 'auto', True (unroll fully), False "
                 "or a positive int (steps per loop iteration)."
             )
+        if compiler_options is not None and backend != "sharded":
+            raise ValueError(
+                f"`compiler_options` = {compiler_options!r} needs backend='sharded' "
+                f"(got backend={backend!r}: jax.pmap takes no compiler options)."
+            )
         if backend == "pmap" and jax.process_count() > 1:
             raise ValueError(
                 "`backend` = 'pmap' cannot run across processes (this is a "
@@ -270,6 +276,7 @@ class _ParallelFn:
         self.steps_per_call = steps_per_call
         self.nan_policy = nan_policy
         self.unroll = unroll
+        self.compiler_options = compiler_options
         if backend == "pmap":
             self.devices = jax.local_devices()
         else:
@@ -375,7 +382,9 @@ class _ParallelFn:
             out_specs=(P(), P()),
             check_vma=False,
         )
-        return jax.jit(mapped, donate_argnums=donate)
+        return jax.jit(
+            mapped, donate_argnums=donate, compiler_options=self.compiler_options
+        )
 
     # -- the call --------------------------------------------------------------
 
@@ -529,6 +538,7 @@ def parallel_train_step(
     steps_per_call: int = 1,
     nan_policy: NanPolicy = "raise",
     unroll: int | bool | Literal["auto"] = "auto",
+    compiler_options: dict[str, Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build a data-parallel training step over every device.
 
@@ -562,6 +572,11 @@ def parallel_train_step(
         a convolution (XLA:CPU runs a rolled loop over convolutions some 30x
         slower) and keeps the loop rolled otherwise (as fast or faster for dense
         models, and much quicker to compile).
+    - `compiler_options`: XLA options for compiling this step only (backend
+        `"sharded"`), as for `jax.jit`; e.g. `{"xla_disable_hlo_passes":
+        "cpu-all-reduce-combiner"}` reduces the gradients one leaf at a time, which
+        lowers the peak memory of a donated step on several CPU devices (see
+        docs/performance.md).
 
     **Returns:**
 
@@ -602,6 +617,7 @@ def parallel_train_step(
         steps_per_call=steps_per_call,
         nan_policy=nan_policy,
         unroll=unroll,
+        compiler_options=compiler_options,
     )
 
 

@@ -56,6 +56,9 @@ def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
     """`lax.pmean` over `axis_name`; the identity when it is `None` or has size 1."""
     if _no_collective(axis_name):
         return tree
+    # One collective per leaf (XLA:CPU combines them by default): with its
+    # all-reduce combiner off, XLA can then reduce and apply one gradient at a
+    # time instead of keeping all of them alive twice (docs/performance.md).
     return jax.tree_util.tree_map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 

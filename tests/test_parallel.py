@@ -268,6 +268,31 @@ def test_bad_options_are_refused():
         es.parallel_train_step(lr_fn, mse, loss_metrics, unroll=0)
 
 
+def test_compiler_options_reach_xla():
+    # XLA:CPU combines the gradients' all-reduces into one; with the combiner off
+    # for this step only, each gradient leaf keeps its own (the low-memory setting
+    # of docs/performance.md), and the result is the same.
+    from eqx_steps.parallel import _cache_key, _split
+
+    state = es.TrainState.create(mlp(), ADAM)
+    batch = es.shard(regression_batch(16))
+    counts, losses = [], []
+    for options in (None, {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}):
+        step = es.parallel_train_step(
+            lr_fn, mse, loss_metrics, backend="sharded", compiler_options=options
+        )
+        _, metrics = step(es.TrainState.create(mlp(), ADAM), batch)
+        losses.append(float(metrics["loss"]))
+        dynamic, flat = _split(state)
+        compiled = step._cache[_cache_key(flat)]
+        hlo = compiled.lower(dynamic, step._place_batch(batch)).compile().as_text()
+        counts.append(hlo.count(" all-reduce("))
+    assert counts[0] == 1 and counts[1] > 1
+    assert losses[0] == losses[1]
+    with pytest.raises(ValueError, match="compiler_options"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, compiler_options={"a": 1})
+
+
 def test_auto_unroll_finds_convolutions_in_nested_jaxprs():
     # unroll="auto" unrolls the scan only for steps with a convolution, found
     # through the jit/scan/vmap/grad that wrap it.

@@ -211,3 +211,35 @@ def test_steps_under_a_users_own_filter_pmap():
     np.testing.assert_allclose(metrics["loss"][0], ref_metrics["loss"], rtol=1e-5)
     assert max_rel_diff(new.model, ref.model) < 1e-5
     assert max_rel_diff(new.model_state, ref.model_state) < 1e-5
+
+
+@pytest.mark.parametrize("n_devices", [1, 2])
+def test_collectives_are_skipped_over_a_one_device_axis(n_devices):
+    # A mean over one device is the identity; XLA would keep the all-reduce (and
+    # a second copy of every gradient alive across it), so the steps leave it out.
+    from jax.sharding import Mesh, PartitionSpec as P
+
+    from eqx_steps.parallel import _has_primitive
+
+    state = es.TrainState.create(mlp(), ADAM)
+    dynamic, static = eqx.partition(state, eqx.is_array)
+    batch = regression_batch(8)
+    mesh = Mesh(np.asarray(jax.devices()[:n_devices]), ("device",))
+
+    def both(dynamic, batch):
+        state = eqx.combine(dynamic, static)
+        new, metrics = es.train_step(state, batch, lr_fn, mse, loss_metrics)
+        evaluated = es.eval_step(state, batch, mse, loss_metrics)
+        return eqx.filter(new, eqx.is_array), metrics, evaluated
+
+    mapped = jax.jit(
+        jax.shard_map(
+            both, mesh=mesh, in_specs=(P(), P("device")), out_specs=P(), check_vma=False
+        )
+    )
+    jaxpr = jax.make_jaxpr(mapped)(dynamic, batch)
+    assert _has_primitive(jaxpr.jaxpr, "psum") == (n_devices > 1)
+    new, metrics, _ = mapped(dynamic, batch)
+    ref, ref_metrics = single_step(state, batch)
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    assert max_rel_diff(eqx.combine(new, static).model, ref.model) < 1e-5

@@ -1,0 +1,181 @@
+"""SCICO's DnCNN training step side by side with the library's, on one CPU device.
+
+SCICO is never a dependency of this project: give this script the Python of a
+scratch environment that has it, e.g.
+
+    python3 -m venv /tmp/scico_venv
+    /tmp/scico_venv/bin/pip install "scico==0.0.7" "jax==0.8.1" "jaxlib==0.8.1" flax
+    python benchmarks/scico_compare.py --scico-python /tmp/scico_venv/bin/python
+
+The workload is the one of the issue's table: DnCNN of depth 6 with 32 filters,
+64x64x1 images, batch 16, Adam, one CPU device. SCICO runs its own
+`scico.flax.train.steps.train_step` under `jax.pmap` (Flax `DnCNNNet`, NHWC,
+with the jax it was installed with); the library runs
+`eqx_steps.parallel_train_step` (backend "pmap", default `nan_policy="raise"`)
+on `eqx_steps.models.DnCNN` in this environment, with the XLA flags of the
+command line (`eqx_steps.cli.configure_xla_flags`). Each run is a fresh process
+timing `--steps` steps after a warm-up; the two alternate `--repeats` times so
+that both see the same machine. Prints one JSON line per run and a Markdown
+table: the fastest step of all runs (min) and the median of the runs' medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+
+SHAPE = (16, 64, 64, 1)  # batch, height, width, channels
+DEPTH, FILTERS, LR = 6, 32, 1e-3
+
+
+def _batch():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    label = rng.normal(size=SHAPE).astype(np.float32)
+    image = label + 0.1 * rng.normal(size=SHAPE).astype(np.float32)
+    return {"image": image, "label": label}
+
+
+def _time(step, state, batch, steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    first = time.perf_counter() - t0
+    for _ in range(3):
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - t0)
+    return {
+        "jax": jax.__version__,
+        "first_call_s": first,
+        "min_ms": 1e3 * min(times),
+        "median_ms": 1e3 * float(np.median(times)),
+    }
+
+
+def child_scico(steps: int) -> dict:
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    from scico.flax import DnCNNNet
+    from scico.flax.train.diagnostics import compute_metrics
+    from scico.flax.train.losses import mse_loss
+    from scico.flax.train.state import create_basic_train_state
+    from scico.flax.train.steps import train_step
+
+    def lr_fn(step):
+        return LR
+
+    model = DnCNNNet(depth=DEPTH, channels=SHAPE[-1], num_filters=FILTERS)
+    state = create_basic_train_state(
+        jax.random.PRNGKey(0), {"opt_type": "ADAM"}, model, SHAPE[1:], lr_fn
+    )
+    state = jax.device_put_replicated(state, jax.local_devices())
+    batch = {k: jnp.asarray(v)[None] for k, v in _batch().items()}
+    step = jax.pmap(
+        functools.partial(
+            train_step,
+            learning_rate_fn=lr_fn,
+            criterion=mse_loss,
+            metrics_fn=compute_metrics,
+        ),
+        axis_name="batch",
+        donate_argnums=(0,),
+    )
+    timing = _time(step, state, batch, steps)
+    return {"impl": "SCICO 0.0.7 train_step, jax.pmap", **timing}
+
+
+def child_library(steps: int) -> dict:
+    import equinox as eqx
+    import jax
+    import optax
+
+    import eqx_steps as es
+    from eqx_steps.models import DnCNN
+
+    model, model_state = eqx.nn.make_with_state(DnCNN)(
+        DEPTH, SHAPE[-1], FILTERS, key=jax.random.key(0)
+    )
+    state = es.TrainState.create(model, optax.adam(LR), model_state=model_state)
+    step = es.parallel_train_step(
+        lambda step: LR, es.mse_loss, es.compute_metrics, backend="pmap"
+    )
+    return {
+        "impl": "eqx_steps parallel_train_step, pmap",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **_time(step, state, es.shard(_batch()), steps),
+    }
+
+
+def _run(python: str, which: str, steps: int) -> dict:
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    if which == "scico":
+        # SCICO's jax is older: only the device count, no flag it may not know.
+        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+    out = subprocess.run(
+        [python, os.path.abspath(__file__), "--child", which, "--steps", str(steps)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        raise SystemExit(f"the {which} run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--scico-python", help="the Python of an environment with scico")
+    p.add_argument("--steps", type=int, default=30, help="timed steps per run")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each, alternating")
+    p.add_argument("--child", choices=("scico", "library"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child == "scico":
+        print(json.dumps(child_scico(args.steps)))
+        return
+    if args.child == "library":
+        from eqx_steps.cli import configure_xla_flags
+
+        configure_xla_flags(1)
+        print(json.dumps(child_library(args.steps)))
+        return
+    if not args.scico_python:
+        p.error("--scico-python is required (see the module docstring)")
+    runs: dict[str, list[dict]] = {}
+    for _ in range(args.repeats):
+        for which in ("scico", "library"):
+            python = args.scico_python if which == "scico" else sys.executable
+            r = _run(python, which, args.steps)
+            print(json.dumps(r), flush=True)
+            runs.setdefault(r["impl"], []).append(r)
+    print()
+    print("| implementation | jax | min ms / step | median ms / step | first call |")
+    print("|---|---|---:|---:|---:|")
+    for impl, rs in runs.items():
+        print(
+            f"| {impl} | {rs[0]['jax']} | {min(r['min_ms'] for r in rs):.1f} "
+            f"| {statistics.median(r['median_ms'] for r in rs):.1f} "
+            f"| {statistics.median(r['first_call_s'] for r in rs):.2f} s |"
+        )
+
+
+if __name__ == "__main__":
+    main()
