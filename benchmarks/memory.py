@@ -12,6 +12,11 @@ import ctypes
 import resource
 
 
+# XLA_FLAGS entry of the `library-split` memory case: XLA:CPU's all-reduce
+# combiner off, one all-reduce per gradient leaf.
+NO_COMBINER = "--xla_disable_hlo_passes=cpu-all-reduce-combiner"
+
+
 def trim() -> None:
     """Hand the heap's free pages back to the system (glibc), so that the RSS is
     the memory in use rather than what the allocator kept from earlier work

@@ -25,9 +25,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import conftest  # noqa: E402, F401  (sets XLA_FLAGS before JAX is imported)
-
-
-NO_COMBINER = "--xla_disable_hlo_passes=cpu-all-reduce-combiner"
+from memory import NO_COMBINER  # noqa: E402
 
 
 def _analyse(fn, *args) -> dict:

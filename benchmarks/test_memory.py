@@ -13,11 +13,11 @@ import sys
 
 import jax
 import pytest
+from memory import NO_COMBINER
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 IMPLS = ("library", "library-split", "baseline", "baseline-jit")
-NO_COMBINER = "--xla_disable_hlo_passes=cpu-all-reduce-combiner"
 
 
 def probe(impl: str, donate: bool, params: float) -> dict:
