@@ -88,39 +88,35 @@ def main(argv=None):
     n_params = sum(
         x.size for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_array))
     )
+    # `state` is rebound at every call, so no older state stays alive.
     if args.impl.startswith("library"):
         state = es.TrainState.create(model, w.TX)
         del model
         step = w.library_step("train", "pmap", donate=bool(args.donate))
+        analyse = _xla_memory
         jax.block_until_ready(state)
         state_mb = rss_mb()
-        state, metrics = step(state, batch)  # the first call copies the state
-        jax.block_until_ready((state, metrics))
-        first_peak_mb, start_mb = peak.reset()
-        xla = _xla_memory(step, state, batch)
-        for _ in range(args.steps):
-            state, metrics = step(state, batch)
-        jax.block_until_ready((state, metrics))
     else:
         net = w.raw_net("tiny", model)
         del model
-        arrays = w.raw_state(net)
+        state = w.raw_state(net)
         # keep only the shapes in `net`, so that it holds no second copy
         net.params = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in net.params)
         backend = "jit" if args.impl == "baseline-jit" else "pmap"
         step = w.raw_step(net, "train", backend, donate=bool(args.donate))
+        analyse = _analyse
         if backend == "jit":
             batch = w.single_device_batch(batch)
-        jax.block_until_ready(arrays)
+        jax.block_until_ready(state)
         state_mb = rss_mb()
-        arrays = w.place_raw_state(arrays, backend)  # as the library's first call
-        arrays, metrics = step(arrays, batch)
-        jax.block_until_ready((arrays, metrics))
-        first_peak_mb, start_mb = peak.reset()
-        xla = _analyse(step, arrays, batch)
-        for _ in range(args.steps):
-            arrays, metrics = step(arrays, batch)
-        jax.block_until_ready((arrays, metrics))
+        state = w.place_raw_state(state, backend)  # as the library's first call
+    state, metrics = step(state, batch)  # the library's first call copies the state
+    jax.block_until_ready((state, metrics))
+    first_peak_mb, start_mb = peak.reset()
+    xla = analyse(step, state, batch)
+    for _ in range(args.steps):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
     print(
         json.dumps(
             {

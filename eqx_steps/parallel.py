@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.extend.core import subjaxprs
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxtyping import Array, PyTree
 
@@ -498,23 +499,9 @@ class _ParallelFn:
 
 def _has_primitive(jaxpr: Any, name: str) -> bool:
     """Whether `jaxpr` or a jaxpr nested in its equations uses primitive `name`."""
-
-    def nested(value: Any):
-        if hasattr(value, "eqns"):  # Jaxpr
-            yield value
-        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):  # ClosedJaxpr
-            yield value.jaxpr
-        elif isinstance(value, (tuple, list)):
-            for v in value:
-                yield from nested(v)
-
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == name:
-            return True
-        for value in eqn.params.values():
-            if any(_has_primitive(j, name) for j in nested(value)):
-                return True
-    return False
+    return any(eqn.primitive.name == name for eqn in jaxpr.eqns) or any(
+        _has_primitive(sub, name) for sub in subjaxprs(jaxpr)
+    )
 
 
 def _all_finite(tree: PyTree) -> Array:
