@@ -25,7 +25,7 @@ from jaxtyping import PyTree
 
 from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
-from .evaluate import eval_iter, evaluate_dataset, evaluation_pass
+from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
 from .state import DEVICE_AXIS, TrainState
 from .steps import AxisName, Batch, Criterion, MetricsFn
@@ -234,10 +234,10 @@ def only_apply(
     n = np.shape(images)[0] if np.ndim(images) else 0
     # The parallel step reads a "label": an empty one per example costs nothing.
     data = {"image": images, "label": np.zeros((n, 0), np.float32)}
-    it, n_full, with_rest = eval_iter(data, _batch_size(cfg))
+    it, n_full, with_rest = _eval_iter(data, _batch_size(cfg))
     host: list[PyTree] = []
     pending: collections.deque[PyTree] = collections.deque()
-    for _, result in evaluation_pass(
+    for _, result in _evaluation_pass(
         apply_fn, _output_step, state, it, n_full, with_rest
     ):
         pending.append(result["output"])

@@ -388,13 +388,12 @@ def create_input_iter(
     """Create an iterator of batches sharded over and prefetched to the local devices.
 
     Batches come from [`eqx_steps.data.IterateData`][] (same order, same
-    per-process slicing). Each entry is
-    reshaped to `(n_local_devices, per_device, ...)` (as
-    [`eqx_steps.shard`][]), floating entries are cast to `dtype` (integer
-    entries keep their dtype), and the batch is placed on
-    the local devices with a `NamedSharding` over the axis `"device"`,
-    `size_device_prefetch` batches ahead of the one being used (as Flax's
-    `prefetch_to_device`).
+    per-process slicing). Each entry is reshaped to
+    `(n_local_devices, per_device, ...)` (as [`eqx_steps.shard`][]), floating
+    entries are cast to `dtype` (integer entries keep their dtype), and the batch
+    is placed on the local devices with a `NamedSharding` over the axis
+    `"device"`, `size_device_prefetch` batches ahead of the one being used (as
+    Flax's `prefetch_to_device`).
 
     An evaluation pass (`train=False`) yields the full batches only; when
     `batch_size` does not divide the dataset, the `remainder` last examples,

@@ -11,7 +11,7 @@ weighted by its number of examples:
 so that every example counts exactly once and any scalar metric (a mean, an F1
 score, an SNR over the whole batch) is combined as SCICO combines it.
 
-The pass itself, `evaluation_pass`, is shared with [`eqx_steps.only_apply`][]:
+The pass itself, `_evaluation_pass`, is shared with [`eqx_steps.only_apply`][]:
 full batches through a parallel step on every device, the remainder through the
 per-device step on one device.
 """
@@ -65,7 +65,7 @@ def _on_device(tree: Any, device: Any) -> Any:
     return jax.tree_util.tree_map(leaf, tree)
 
 
-def eval_iter(
+def _eval_iter(
     dataset: Mapping[str, Any], batch_size: int, max_batches: int | None = None
 ) -> tuple[DeviceIter, int, bool]:
     """The evaluation iterator over `dataset`, and what of it a pass runs.
@@ -83,7 +83,7 @@ def eval_iter(
     return data, min(total, data.num_batches), total > data.num_batches
 
 
-def evaluation_pass(
+def _evaluation_pass(
     parallel_fn: EvalFn,
     step_fn: StepFn,
     state: TrainState,
@@ -108,8 +108,7 @@ def evaluation_pass(
     - `parallel_fn`: the parallel step for the full batches.
     - `step_fn`: the per-device step `parallel_fn` runs, for the remainder.
     - `state`: the state to evaluate.
-    - `data`, `n_full`, `with_rest`: as [`eqx_steps.evaluate.eval_iter`][]
-        returns them.
+    - `data`, `n_full`, `with_rest`: as `_eval_iter` returns them.
     - `criterion`, `metrics_fn`: passed to `step_fn` for the remainder.
 
     **Returns:**
@@ -196,7 +195,7 @@ def evaluate_dataset(
     remainder to evaluate and `criterion` or `metrics_fn` is missing.
     """
     check_dataset("dataset", dataset)
-    data, n_full, with_rest = eval_iter(dataset, batch_size, max_batches)
+    data, n_full, with_rest = _eval_iter(dataset, batch_size, max_batches)
     if with_rest and (criterion is None or metrics_fn is None):
         raise ValueError(
             f"`dataset` has {data.data.n} examples, not a multiple of `batch_size` = "
@@ -205,7 +204,7 @@ def evaluate_dataset(
             "functions; pass `criterion=` and `metrics_fn=` (those given to "
             "`parallel_eval_step`), or a `batch_size` that divides the dataset."
         )
-    results = evaluation_pass(
+    results = _evaluation_pass(
         eval_fn,
         eval_step_fn,
         state,
