@@ -12,6 +12,7 @@ from .checkpoint import (
     save_model as save_model,
 )
 from .data import create_input_iter as create_input_iter, IterateData as IterateData
+from .evaluate import evaluate_dataset as evaluate_dataset
 from .losses import mse_loss as mse_loss
 from .metrics import compute_metrics as compute_metrics, psnr as psnr, snr as snr
 from .parallel import (
@@ -51,7 +52,6 @@ from .steps import (
 from .trainer import (
     BasicTrainer as BasicTrainer,
     ConfigDict as ConfigDict,
-    evaluate_dataset as evaluate_dataset,
     History as History,
     parameter_overview as parameter_overview,
     TrainConfig as TrainConfig,

@@ -1,22 +1,59 @@
-"""Apply or evaluate a trained model on a dataset (`only_apply`, `only_evaluate`)."""
+"""Apply or evaluate a trained model on a dataset (`only_apply`, `only_evaluate`).
+
+Which weights are used follows SCICO's rule: with `config["checkpointing"]` true
+the latest checkpoint in `config["workdir"]` is restored; otherwise the model is
+used as given. The keyword `use_checkpoint` overrides the rule, `workdir`
+names the checkpoint folder explicitly.
+
+Both run through the parallel evaluation path of
+[`eqx_steps.evaluate_dataset`][]: full batches on every device, the remainder as
+one smaller batch on one device.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
+import sys
 from collections.abc import Mapping
 from typing import Any
 
 import equinox as eqx
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from jaxtyping import Array, PyTree
+from jaxtyping import PyTree
 
+from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
-from .data import IterateData
+from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
-from .state import TrainState
-from .trainer import _check_dataset, evaluate_dataset, TrainConfig
+from .state import DEVICE_AXIS, TrainState
+from .steps import AxisName, Batch, Criterion, MetricsFn
+from .trainer import TrainConfig
+
+
+def _has_state_layers(model: PyTree) -> bool:
+    """Whether `model` has layers that keep an `eqx.nn.State` (e.g. BatchNorm)."""
+    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
+    return any(map(is_index, jax.tree_util.tree_leaves(model, is_leaf=is_index)))
+
+
+def _checkpoint_folder(
+    cfg: TrainConfig, workdir: Any, use_checkpoint: bool | None
+) -> tuple[str, str] | None:
+    """The folder to restore from and how it was named, or `None` (as given)."""
+    if use_checkpoint is not None:
+        check_bool("use_checkpoint", use_checkpoint)
+    if workdir is not None:
+        if use_checkpoint is False:
+            raise ValueError(
+                f"`workdir` = {os.fspath(workdir)!r} names a checkpoint folder but "
+                "`use_checkpoint` is False; pass one or the other."
+            )
+        return os.fspath(workdir), "`workdir`"
+    if use_checkpoint or (use_checkpoint is None and cfg.checkpointing):
+        return cfg.workdir, "config['workdir']"
+    return None
 
 
 def restore_state(
@@ -24,18 +61,26 @@ def restore_state(
     model: PyTree,
     model_state: eqx.nn.State | None = None,
     workdir: str | os.PathLike | None = None,
+    *,
+    use_checkpoint: bool | None = None,
 ) -> tuple[TrainConfig, TrainState]:
-    """The state a run with `config` builds, restored from `workdir` if given.
+    """The state a run with `config` builds, with the weights SCICO's rule picks.
 
     The state is built as `BasicTrainer` builds it (`config`'s
     `create_train_state`, optimizer and schedule), so that it has the structure
-    of the run's checkpoints.
+    of the run's checkpoints. Its weights are restored from the latest checkpoint
+    in `workdir` when it is given, else in `config["workdir"]` when
+    `config["checkpointing"]` is true (or `use_checkpoint` is `True`); otherwise
+    (or with `use_checkpoint=False`) they are `model` and `model_state` as given.
+    The restored step is printed on stderr.
 
     **Arguments:**
 
     - `config`: the run's configuration (a dict or a `TrainConfig`).
     - `model`, `model_state`: a model (and its state) of the run's structure.
-    - `workdir`: the checkpoint folder; `None` keeps `model` as given.
+    - `workdir`: a checkpoint folder to restore from, overriding `config`.
+    - `use_checkpoint`: `None` (SCICO's rule), `True` (restore) or `False` (the
+        weights as given).
 
     **Returns:**
 
@@ -43,9 +88,19 @@ def restore_state(
 
     **Raises:**
 
-    `FileNotFoundError` naming `workdir` when it holds no checkpoint.
+    `FileNotFoundError` naming the folder when it holds no checkpoint;
+    `ValueError` naming `model_state` when `model` has layers that keep a state
+    (e.g. `eqx.nn.BatchNorm`) and `model_state` is `None`.
     """
     cfg = TrainConfig.from_dict(config)
+    if model_state is None and _has_state_layers(model):
+        raise ValueError(
+            "`model_state` is None but `model` has layers that keep a state (e.g. "
+            "eqx.nn.BatchNorm); pass the state that was built with the model: "
+            "`model, model_state = eqx.nn.make_with_state(Model)(...)`, then "
+            "`model_state=model_state`."
+        )
+    folder = _checkpoint_folder(cfg, workdir, use_checkpoint)
     schedule_config = {**cfg.to_dict(), "steps_per_epoch": 1}
     state = cfg.create_train_state(
         schedule_config,
@@ -53,21 +108,66 @@ def restore_state(
         cfg.lr_schedule(schedule_config),
         model_state=model_state,
     )
-    if workdir is not None:
-        # Raises FileNotFoundError naming the folder when it holds no checkpoint.
-        state = checkpoint_restore(state, os.fspath(workdir), ok_no_ckpt=False)
+    if folder is None:
+        return cfg, state
+    path, named = folder
+    try:
+        state = checkpoint_restore(state, path, ok_no_ckpt=False)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"no checkpoint to restore from {named} = {path!r}: {e} To use the "
+            "weights of `model` and `model_state` as given, pass "
+            "use_checkpoint=False."
+        ) from None
+    if jax.process_index() == 0:
+        print(
+            f"eqx_steps: restored checkpoint step {int(state.step)} from {path!r}",
+            file=sys.stderr,
+            flush=True,
+        )
     return cfg, state
 
 
 def _batch_size(cfg: TrainConfig) -> int:
     n = jax.device_count()
     size = cfg.batch_size or 2 * n
-    if size % n:
-        raise ValueError(
-            f"config['batch_size'] = {size} is not divisible by the {n} devices; use "
-            f"a multiple of {n}."
+    return check_divisible("config['batch_size']", size, n, "devices")
+
+
+def _output_step(
+    state: TrainState,
+    batch: Batch,
+    criterion: Criterion | None = None,
+    metrics_fn: MetricsFn | None = None,
+    *,
+    axis_name: AxisName = DEVICE_AXIS,
+) -> dict[str, PyTree]:
+    """The model's outputs on one device's share of a batch, gathered over devices.
+
+    An `eval_step_fn` for [`eqx_steps.parallel_eval_step`][] that returns the
+    outputs instead of metrics: the model runs in inference mode on
+    `batch["image"]`, and the outputs of all devices are gathered in device order
+    over `axis_name` (so every device holds the whole batch's outputs, in order).
+
+    **Arguments:**
+
+    - `state`: the [`eqx_steps.TrainState`][].
+    - `batch`: a dict with `"image"`.
+    - `criterion`, `metrics_fn`: unused (`eval_step`'s signature).
+    - `axis_name`: the device axis to gather over, or `None`.
+
+    **Returns:**
+
+    `{"output": outputs}`, the leading axis the examples of the whole batch.
+    """
+    output, _ = state.forward(
+        state.model, state.model_state, batch["image"], inference=True
+    )
+    if axis_name is not None:
+        output = jax.tree_util.tree_map(
+            lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output
         )
-    return size
+    return {"output": output}
 
 
 def only_apply(
@@ -77,54 +177,75 @@ def only_apply(
     *,
     model_state: eqx.nn.State | None = None,
     workdir: str | os.PathLike | None = None,
-) -> Array:
-    """The model's output for every example of `test_ds`, in order.
+    use_checkpoint: bool | None = None,
+) -> tuple[PyTree, tuple[PyTree, eqx.nn.State | None]]:
+    """The model's output for every example of `test_ds`, and the weights used.
 
-    Runs the model in inference mode on all local devices, batch by batch; unlike
-    SCICO, the last partial batch is kept, so there is one output per example.
+    SCICO's `only_apply`. The weights follow SCICO's rule: with
+    `config["checkpointing"]` true, the latest checkpoint in `config["workdir"]` is
+    restored into a model of `model`'s structure (the step restored is printed on
+    stderr), and a missing checkpoint is an error; otherwise `model` and
+    `model_state` are used as given. To apply the given weights although
+    `config["checkpointing"]` is true, pass `use_checkpoint=False`; to restore
+    from another folder, pass `workdir=`.
+
+    The model runs in inference mode through the parallel evaluation path
+    (`config["backend"]`): full batches of `config["batch_size"]` on every
+    device, then the remaining examples as one smaller batch on one device.
+    Unlike SCICO, the last partial batch is kept: one output per example, in
+    order, on every process.
 
     **Arguments:**
 
-    - `config`: the training configuration (`batch_size`, and the optimizer and
-        `create_train_state` that built the checkpoint, when restoring).
+    - `config`: the training configuration (`batch_size`, `backend`,
+        `checkpointing`, `workdir`, and the optimizer and `create_train_state` that
+        built the checkpoint, when restoring).
     - `model`: the trained model, or a model of the same structure when restoring.
-    - `test_ds`: a dict with `"image"` (and optionally `"label"`).
-    - `model_state`: the model's `eqx.nn.State`, or `None`.
-    - `workdir`: a folder of checkpoints to restore the latest one from; `None`
-        uses `model` and `model_state` as given.
+    - `test_ds`: a dict with `"image"` (any other entry is ignored).
+    - `model_state`: the model's `eqx.nn.State` (needed when the model has
+        BatchNorm layers), or `None`.
+    - `workdir`: a folder of checkpoints to restore the latest one from,
+        whatever `config["checkpointing"]` says.
+    - `use_checkpoint`: `None` (SCICO's rule, above), `True` (restore from
+        `workdir` or `config["workdir"]`) or `False` (the weights as given).
 
     **Returns:**
 
-    The outputs, stacked: one per example of `test_ds`.
+    A 2-tuple of the outputs (one per example of `test_ds`, stacked, as NumPy
+    arrays) and the weights used, `(model, model_state)` (SCICO's
+    `(output, variables)`).
+
+    **Raises:**
+
+    `FileNotFoundError` when a checkpoint is to be restored and there is none;
+    `ValueError` naming `model_state` when the model needs one and it is `None`.
     """
-    if not isinstance(test_ds, Mapping) or "image" not in test_ds:
-        raise ValueError(
-            "`test_ds` must be a dict with an 'image' array of inputs, got "
-            f"{type(test_ds).__name__}"
-            + (f" with keys {sorted(test_ds)}" if isinstance(test_ds, Mapping) else "")
-            + "."
-        )
-    cfg, state = restore_state(config, model, model_state, workdir)
-    batch_size = _batch_size(cfg)
-    data = IterateData({"image": test_ds["image"]}, batch_size, train=False)
-    mesh = Mesh(np.asarray(jax.local_devices()), ("device",))
-    sharding = NamedSharding(mesh, P("device"))
-    forward = eqx.filter_jit(
-        lambda m, ms, x: state.forward(m, ms, x, inference=True)[0]
+    check_dataset("test_ds", test_ds, ("image",))
+    cfg, state = restore_state(
+        config, model, model_state, workdir, use_checkpoint=use_checkpoint
     )
-    # The weights on every local device, the batch split across them.
-    replicated = NamedSharding(mesh, P())
-    model, model_state = jax.tree_util.tree_map(
-        lambda x: jax.device_put(x, replicated) if eqx.is_array(x) else x,
-        (state.model, state.model_state),
+    apply_fn = parallel_eval_step(
+        cfg.criterion,
+        cfg.metrics_fn,
+        eval_step_fn=_output_step,
+        backend=cfg.backend,  # pyright: ignore
     )
-    outputs = []
-    for batch in data:
-        x = jax.device_put(np.asarray(batch["image"]), sharding)
-        y = forward(model, model_state, x)
-        n = int(np.sum(batch["mask"]))
-        outputs.append(np.asarray(y)[:n])
-    return np.concatenate(outputs, axis=0)  # pyright: ignore
+    images = test_ds["image"]
+    n = np.shape(images)[0] if np.ndim(images) else 0
+    # The parallel step reads a "label": an empty one per example costs nothing.
+    data = {"image": images, "label": np.zeros((n, 0), np.float32)}
+    it, n_full, with_rest = _eval_iter(data, _batch_size(cfg))
+    host: list[PyTree] = []
+    pending: collections.deque[PyTree] = collections.deque()
+    for _, result in _evaluation_pass(
+        apply_fn, _output_step, state, it, n_full, with_rest
+    ):
+        pending.append(result["output"])
+        if len(pending) > 2:  # copy to the host one batch behind the devices
+            host.append(jax.device_get(pending.popleft()))
+    host.extend(jax.device_get(list(pending)))
+    outputs = jax.tree_util.tree_map(lambda *ys: np.concatenate(ys), *host)
+    return outputs, (state.model, state.model_state)
 
 
 def only_evaluate(
@@ -134,12 +255,14 @@ def only_evaluate(
     *,
     model_state: eqx.nn.State | None = None,
     workdir: str | os.PathLike | None = None,
+    use_checkpoint: bool | None = None,
 ) -> dict[str, float]:
-    """The metrics of the model over the whole of `test_ds`.
+    """The metrics of the model over `test_ds`, by SCICO's definition.
 
-    Each example counts exactly once (the last partial batch is padded and
-    masked); the metrics are `config`'s `metrics_fn` (default `{"loss", "snr"}`)
-    averaged over the examples.
+    `config`'s `metrics_fn` (default `{"loss", "snr"}`) on each per-device batch,
+    averaged over devices and batches, the last partial batch evaluated as one
+    smaller batch and weighted by its size (see [`eqx_steps.evaluate_dataset`][]).
+    The weights follow SCICO's rule, as for [`eqx_steps.only_apply`][].
 
     **Arguments:** as for [`eqx_steps.only_apply`][]; `test_ds` needs `"image"` and
     `"label"`.
@@ -148,12 +271,22 @@ def only_evaluate(
 
     A dict of metrics.
     """
-    _check_dataset("test_ds", test_ds)
-    cfg, state = restore_state(config, model, model_state, workdir)
+    check_dataset("test_ds", test_ds)
+    cfg, state = restore_state(
+        config, model, model_state, workdir, use_checkpoint=use_checkpoint
+    )
     eval_fn = parallel_eval_step(
         cfg.criterion,
         cfg.metrics_fn,
         eval_step_fn=cfg.eval_step_fn,
         backend=cfg.backend,  # pyright: ignore
     )
-    return evaluate_dataset(eval_fn, state, test_ds, _batch_size(cfg))
+    return evaluate_dataset(
+        eval_fn,
+        state,
+        test_ds,
+        _batch_size(cfg),
+        criterion=cfg.criterion,
+        metrics_fn=cfg.metrics_fn,
+        eval_step_fn=cfg.eval_step_fn,
+    )

@@ -28,9 +28,6 @@ from .state import DEVICE_AXIS
 HostBatch = dict[str, np.ndarray]
 DeviceBatch = dict[str, Array]
 
-MASK_KEY = "mask"
-"""Key of the float32 mask that evaluation batches carry (1 = real, 0 = padding)."""
-
 
 def _nearest_multiples(value: int, base: int) -> str:
     below = (value // base) * base
@@ -119,14 +116,16 @@ class IterateData:
     (`start_step`) and yields what an uninterrupted one would from there.
 
     For evaluation (`train=False`) it passes once over the data in order, in
-    `num_batches = ceil(n / batch_size)` batches, then stops. The last batch is
-    padded to `batch_size` by repeating the last example, and every evaluation batch
-    carries a `"mask"` entry (`float32`, 1 for real examples, 0 for padding), so
-    that every example counts exactly once.
+    `num_batches = ceil(n / batch_size)` batches, then stops: `steps_per_epoch`
+    full batches, then, when `batch_size` does not divide `n`, the `remainder`
+    last examples as one smaller batch of their own (no padding), so that every
+    example counts exactly once (SCICO's evaluation, which drops them, extended).
 
     `batch_size` is the **global** batch size: in a run of `P` processes
     (`jax.process_count()`), process `p` yields rows `[p*B/P, (p+1)*B/P)` of each
-    global batch, the global order being that of a one-process run.
+    global batch, the global order being that of a one-process run. The smaller
+    last evaluation batch is the exception: every process yields all of it (it is
+    evaluated on one device of each process, the same on every process).
 
     Batches are dicts of host (`numpy`) arrays with the dataset's keys and dtypes.
 
@@ -144,7 +143,10 @@ class IterateData:
 
     **Attributes:**
 
-    - `steps_per_epoch`: `n // batch_size`.
+    - `steps_per_epoch`: `n // batch_size`, the full batches per pass.
+    - `remainder`: `n - steps_per_epoch * batch_size`, the examples that do not
+        fill a batch (training leaves them out of each epoch; evaluation yields
+        them last, as one smaller batch).
     - `num_batches`: batches per pass: `steps_per_epoch` for training,
         `ceil(n / batch_size)` for evaluation.
     - `local_batch_size`: rows per batch yielded by this process.
@@ -200,6 +202,7 @@ class IterateData:
         self.local_batch_size = self.batch_size // self.process_count
 
         self.steps_per_epoch = self.n // self.batch_size
+        self.remainder = self.n - self.steps_per_epoch * self.batch_size
         if self.train:
             if self.steps_per_epoch == 0:
                 raise ValueError(
@@ -212,11 +215,6 @@ class IterateData:
         else:
             if self.n == 0:
                 raise ValueError("`dataset` has no examples to evaluate on.")
-            if MASK_KEY in self.dataset:
-                raise ValueError(
-                    f"`dataset` has a key {MASK_KEY!r}, which evaluation batches use "
-                    "for the padding mask; rename that entry."
-                )
             self.num_batches = -(-self.n // self.batch_size)
 
         self._seed = _seed_words(key) if self.train else ()
@@ -240,29 +238,29 @@ class IterateData:
         rng = np.random.default_rng(np.random.SeedSequence([*self._seed, epoch]))
         return rng.permutation(self.n)
 
-    def _global_indices(self, step: int) -> np.ndarray:
+    def _indices(self, step: int) -> np.ndarray:
+        """The rows of the dataset that this process yields at `step`."""
         b = self.batch_size
-        if self.train:
-            epoch, j = divmod(step, self.steps_per_epoch)
-            if epoch != self._epoch:
-                self._perm, self._epoch = self.permutation(epoch), epoch
-            return self._perm[j * b : (j + 1) * b]
-        idx = np.arange(step * b, (step + 1) * b)
-        return np.minimum(idx, self.n - 1)
+        if not self.train and step >= self.steps_per_epoch:
+            # The smaller last evaluation batch: all of it, on every process.
+            return np.arange(self.steps_per_epoch * b, self.n)
+        lo = self.process_index * self.local_batch_size
+        rows = slice(lo, lo + self.local_batch_size)
+        if not self.train:
+            return np.arange(step * b, (step + 1) * b)[rows]
+        epoch, j = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._perm, self._epoch = self.permutation(epoch), epoch
+        return self._perm[j * b : (j + 1) * b][rows]
 
     def batch(self, step: int) -> HostBatch:
         """The batch of global step (training) or batch number (evaluation) `step`.
 
-        As yielded by the iterator, this process's rows only.
+        As yielded by the iterator: this process's rows only, except the smaller
+        last evaluation batch, which every process gets whole.
         """
-        lo = self.process_index * self.local_batch_size
-        rows = slice(lo, lo + self.local_batch_size)
-        idx = self._global_indices(step)[rows]
-        batch = {name: x[idx] for name, x in self.dataset.items()}
-        if not self.train:
-            position = np.arange(step * self.batch_size, (step + 1) * self.batch_size)
-            batch[MASK_KEY] = (position[rows] < self.n).astype(np.float32)
-        return batch
+        idx = self._indices(step)
+        return {name: x[idx] for name, x in self.dataset.items()}
 
     def __iter__(self) -> IterateData:
         return self
@@ -279,9 +277,7 @@ def _cast(batch: HostBatch, dtype: Any) -> HostBatch:
     if dtype is None:
         return batch
     return {
-        name: x.astype(dtype)
-        if name != MASK_KEY and jnp.issubdtype(x.dtype, jnp.floating)
-        else x
+        name: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
         for name, x in batch.items()
     }
 
@@ -292,7 +288,10 @@ class DeviceIter:
     **Attributes:**
 
     - `data`: the underlying [`eqx_steps.data.IterateData`][].
-    - `steps_per_epoch`, `num_batches`, `batch_size`: as for `IterateData`.
+    - `steps_per_epoch`, `remainder`, `batch_size`: as for `IterateData`.
+    - `num_batches`: the batches yielded per pass: `steps_per_epoch` (training,
+        and the full batches of an evaluation pass; the smaller last evaluation
+        batch is not sharded but handed over by `remainder_batch()`).
     - `steps_per_call`: batches stacked per item.
     - `sharding`: the `NamedSharding` the batches are placed with.
     - `step`: the global step (batch number) of the next batch yielded; the
@@ -308,8 +307,8 @@ class DeviceIter:
         steps_per_call: int,
     ):
         self.data = data
-        self.steps_per_epoch = data.steps_per_epoch
-        self.num_batches = data.num_batches
+        self.steps_per_epoch = self.num_batches = data.steps_per_epoch
+        self.remainder = data.remainder
         self.batch_size = data.batch_size
         self.steps_per_call = steps_per_call
         self.size_device_prefetch = size_device_prefetch
@@ -320,7 +319,22 @@ class DeviceIter:
         self._queue: collections.deque[DeviceBatch] = collections.deque()
         self._exhausted = False
 
+    def remainder_batch(self) -> HostBatch | None:
+        """The smaller last batch of an evaluation pass, on the host, or `None`.
+
+        The `remainder` examples that do not fill a batch, cast like the other
+        batches but neither sharded nor placed: they do not divide over the
+        devices, and are meant to be evaluated as one batch on one device (the
+        same on every process). `None` when training or when `batch_size`
+        divides the dataset.
+        """
+        if self.data.train or not self.remainder:
+            return None
+        return _cast(self.data.batch(self.data.steps_per_epoch), self.dtype)
+
     def _host_item(self) -> HostBatch:
+        if not self.data.train and self.data.step >= self.steps_per_epoch:
+            raise StopIteration  # the full batches are done; see remainder_batch()
         if self.steps_per_call == 1:
             return shard(_cast(next(self.data), self.dtype))
         # A partial group only happens at the end of an evaluation pass, which
@@ -374,13 +388,18 @@ def create_input_iter(
     """Create an iterator of batches sharded over and prefetched to the local devices.
 
     Batches come from [`eqx_steps.data.IterateData`][] (same order, same
-    per-process slicing, same padding and `"mask"` for evaluation). Each entry is
-    reshaped to `(n_local_devices, per_device, ...)` (as
-    [`eqx_steps.shard`][]), floating entries are cast to `dtype` (the `"mask"`
-    stays `float32`, integer entries keep their dtype), and the batch is placed on
-    the local devices with a `NamedSharding` over the axis `"device"`,
-    `size_device_prefetch` batches ahead of the one being used (as Flax's
-    `prefetch_to_device`).
+    per-process slicing). Each entry is reshaped to
+    `(n_local_devices, per_device, ...)` (as [`eqx_steps.shard`][]), floating
+    entries are cast to `dtype` (integer entries keep their dtype), and the batch
+    is placed on the local devices with a `NamedSharding` over the axis
+    `"device"`, `size_device_prefetch` batches ahead of the one being used (as
+    Flax's `prefetch_to_device`).
+
+    An evaluation pass (`train=False`) yields the full batches only; when
+    `batch_size` does not divide the dataset, the `remainder` last examples,
+    which do not divide over the devices, come from `remainder_batch()` as one
+    unsharded host batch (see [`eqx_steps.evaluate_dataset`][], which evaluates
+    them on one device).
 
     With `steps_per_call = K > 1`, each item stacks `K` consecutive batches on a
     new leading axis, `(K, n_local_devices, per_device, ...)`, for
@@ -393,7 +412,7 @@ def create_input_iter(
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `size_device_prefetch`: batches placed ahead (0 places each when asked).
     - `dtype`: dtype of the floating entries (`None` keeps them as they are).
-    - `train`: infinite shuffled iteration, or one ordered, padded pass.
+    - `train`: infinite shuffled iteration, or one ordered pass.
     - `steps_per_call`: batches per item (training only).
     - `start_step`: global step (training) or batch number (evaluation) to start at.
     - `process_index`, `process_count`: as for `IterateData`.
@@ -401,7 +420,8 @@ def create_input_iter(
     **Returns:**
 
     A [`eqx_steps.data.DeviceIter`][] yielding dicts of JAX arrays; it exposes
-    `steps_per_epoch` and `num_batches` (counted in batches, not items).
+    `steps_per_epoch`, `num_batches` (counted in batches, not items), `remainder`
+    and `remainder_batch()`.
     """
     k = _check_positive_int("steps_per_call", steps_per_call)
     if not train and k != 1:
@@ -439,4 +459,4 @@ def create_input_iter(
     )
 
 
-__all__ = ["IterateData", "DeviceIter", "create_input_iter", "MASK_KEY"]
+__all__ = ["IterateData", "DeviceIter", "create_input_iter"]

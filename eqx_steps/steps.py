@@ -245,19 +245,17 @@ def eval_step(
 ) -> Metrics:
     """Evaluate the model on one device's share of a batch, changing nothing.
 
-    The model runs in inference mode (`eqx.nn.inference_mode`: BatchNorm uses its
-    running statistics). Without a `"mask"` in `batch` the metrics are
-    `metrics_fn` on the device's batch averaged over `axis_name` (SCICO's
-    `eval_step`). With `batch["mask"]` (1 for a real example, 0 for padding, as the
-    evaluation iterator yields for the last partial batch) the metrics are the
-    mean over the real examples of `metrics_fn` on each example, and `"count"`,
-    the number of real examples over all devices, is added so that batches can be
-    combined exactly.
+    SCICO's `eval_step`: the model runs in inference mode
+    (`eqx.nn.inference_mode`: BatchNorm uses its running statistics) on the
+    device's batch, and the metrics are `metrics_fn` on that whole batch,
+    averaged over `axis_name`. [`eqx_steps.evaluate_dataset`][] combines them
+    over the batches of a dataset.
 
     **Arguments:**
 
     - `state`: the [`eqx_steps.TrainState`][].
-    - `batch`: a dict with `"image"`, `"label"` and optionally `"mask"`.
+    - `batch`: a dict with `"image"` (input) and `"label"` (target) arrays, leading
+        axis = examples on this device.
     - `criterion`: the loss, `criterion(output, label) -> scalar`.
     - `metrics_fn`: `metrics_fn(output, label, criterion) -> dict` of scalars.
     - `axis_name`: the collective axis to average over, or `None`.
@@ -269,16 +267,4 @@ def eval_step(
     check_batch(batch)
     x, label = batch["image"], batch["label"]
     output, _ = state.forward(state.model, state.model_state, x, inference=True)
-    if "mask" not in batch:
-        return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
-    mask = jnp.asarray(batch["mask"], jnp.float32)
-    per_example = jax.vmap(
-        lambda o, lab: dict(metrics_fn(o[None], lab[None], criterion))
-    )(output, label)
-    sums = {k: jnp.sum(jnp.where(mask > 0, v, 0.0)) for k, v in per_example.items()}
-    count = jnp.sum(mask)
-    if not _no_collective(axis_name):
-        sums, count = jax.lax.psum((sums, count), axis_name)
-    metrics = {k: v / jnp.maximum(count, 1.0) for k, v in sums.items()}
-    metrics["count"] = count
-    return metrics
+    return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))

@@ -1,4 +1,4 @@
-"""Tests of the data iterators: shuffling, resumption, per-process slices, padding."""
+"""Tests of the data iterators: shuffling, resumption, per-process slices, remainder."""
 
 import itertools
 
@@ -97,6 +97,9 @@ def test_process_slices_concatenate_to_the_global_batch(nb, seed, procs, train):
         pieces = [next(part) for part in parts]
         assert set(whole) == set(pieces[0])
         for name in whole:
+            if len(whole[name]) < b:  # the smaller last evaluation batch: whole
+                assert all(np.array_equal(p[name], whole[name]) for p in pieces)
+                continue
             np.testing.assert_array_equal(
                 np.concatenate([piece[name] for piece in pieces]), whole[name]
             )
@@ -141,17 +144,22 @@ def test_eval_yields_each_example_once_in_order(nb, procs):
         )
         for p in range(procs)
     ]
+    full, rest = n // b, n % b
     assert parts[0].num_batches == -(-n // b)
+    assert parts[0].steps_per_epoch == full and parts[0].remainder == rest
     batches = [list(part) for part in parts]
     assert all(len(bs) == parts[0].num_batches for bs in batches)
     seen = []
     for step in zip(*batches):
-        idx = np.concatenate([piece["idx"] for piece in step])
-        mask = np.concatenate([piece["mask"] for piece in step])
-        assert idx.shape == mask.shape == (b,) and mask.dtype == np.float32
-        assert set(np.unique(mask)) <= {0.0, 1.0}
-        seen.append(idx[mask == 1])
-        assert np.all(idx[mask == 0] == n - 1)  # padding repeats the last example
+        if len(seen) < full:  # a full batch: each process yields its slice
+            idx = np.concatenate([piece["idx"] for piece in step])
+            assert idx.shape == (b,)
+        else:  # the smaller last batch: every process yields all of it
+            idx = step[0]["idx"]
+            assert idx.shape == (rest,)
+            assert all(np.array_equal(piece["idx"], idx) for piece in step)
+        assert set(step[0]) == {"image", "label", "idx"}  # no padding, no mask
+        seen.append(idx)
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(n))
 
 
@@ -229,28 +237,36 @@ def test_input_iter_prefetches_ahead():
     assert it2.data.step == 5 + 9 and it2.step == 8
 
 
-def test_input_iter_dtype_and_mask():
+def test_input_iter_eval_dtype_and_remainder():
     dataset = make_dataset(10, dtype=np.float64)
-    batches = list(create_input_iter(None, dataset, 8, dtype=jnp.bfloat16, train=False))
-    assert len(batches) == 2
+    it = create_input_iter(None, dataset, 8, dtype=jnp.bfloat16, train=False)
+    batches = list(it)
+    assert len(batches) == it.num_batches == 1 and it.remainder == 2
     assert batches[0]["image"].dtype == jnp.bfloat16
-    assert batches[0]["mask"].dtype == jnp.float32
-    assert batches[0]["mask"].shape == (N_DEVICES, 2)
-    mask = np.concatenate([np.asarray(b["mask"]).ravel() for b in batches])
-    idx = np.concatenate([np.asarray(b["idx"]).ravel() for b in batches])
-    np.testing.assert_array_equal(idx[mask == 1], np.arange(10))
+    assert batches[0]["idx"].shape == (N_DEVICES, 2)
+    rest = it.remainder_batch()
+    assert rest is not None and all(isinstance(x, np.ndarray) for x in rest.values())
+    assert rest["image"].dtype == jnp.bfloat16 and rest["image"].shape == (2, 3)
+    idx = np.concatenate([np.asarray(batches[0]["idx"]).ravel(), rest["idx"]])
+    np.testing.assert_array_equal(idx, np.arange(10))
     kept = next(create_input_iter(None, dataset, 8, dtype=None))
     assert kept["image"].dtype == jnp.float32  # float64 -> float32 by JAX itself
 
 
-def test_input_iter_eval_stops_after_one_pass():
+@pytest.mark.parametrize("n, full", [(24, 3), (26, 3), (5, 0)])
+def test_input_iter_eval_stops_after_one_pass(n, full):
     it = create_input_iter(
-        None, make_dataset(24), 8, size_device_prefetch=5, train=False
+        None, make_dataset(n), 8, size_device_prefetch=5, train=False
     )
-    assert it.num_batches == 3
-    assert sum(1 for _ in it) == 3
+    assert it.num_batches == full
+    assert sum(1 for _ in it) == full
     with pytest.raises(StopIteration):
         next(it)
+    rest = it.remainder_batch()
+    assert (rest is None) == (n % 8 == 0)
+    if rest is not None:
+        np.testing.assert_array_equal(rest["idx"], np.arange(full * 8, n))
+    assert create_input_iter(None, make_dataset(26), 8).remainder_batch() is None
 
 
 def test_input_iter_train_is_infinite():
@@ -297,13 +313,6 @@ def test_input_iter_train_is_infinite():
             ["`process_index` = 2"],
         ),
         ({"image": np.zeros(8)}, 8, {"key": "seed"}, TypeError, ["`key`", "'seed'"]),
-        (
-            {"image": np.zeros(8), "mask": np.ones(8)},
-            8,
-            {"train": False},
-            ValueError,
-            ["'mask'", "rename"],
-        ),
         ({"image": np.zeros(0)}, 4, {"train": False}, ValueError, ["no examples"]),
         (
             {"image": np.zeros(8)},

@@ -108,23 +108,19 @@ def test_batchnorm_state_updates_in_training_and_not_in_eval():
     np.testing.assert_allclose(metrics["loss"], mse(out, batch["label"]), rtol=1e-6)
 
 
-def test_masked_eval_is_the_mean_over_real_examples():
+def test_eval_is_metrics_fn_on_the_whole_batch():
+    # SCICO's eval_step: one SNR over the whole per-device batch, not a mean of
+    # per-example SNRs (evaluate_dataset combines batches).
     state = es.TrainState.create(mlp(), ADAM)
     batch = regression_batch(8)
-    mask = jnp.array([1, 1, 1, 1, 1, 0, 0, 0], jnp.float32)
-    metrics = es.eval_step(
-        state, {**batch, "mask": mask}, mse, es.compute_metrics, axis_name=None
-    )
-    out = jax.vmap(state.model)(batch["image"][:5])
-    per_example = [
-        es.compute_metrics(out[i : i + 1], batch["label"][i : i + 1], mse)
-        for i in range(5)
-    ]
+    metrics = es.eval_step(state, batch, mse, es.compute_metrics, axis_name=None)
+    out = jax.vmap(state.model)(batch["image"])
+    want = es.compute_metrics(out, batch["label"], mse)
+    assert set(metrics) == {"loss", "snr"}
     for k in ("loss", "snr"):
-        np.testing.assert_allclose(
-            metrics[k], np.mean([float(m[k]) for m in per_example]), rtol=1e-5
-        )
-    assert float(metrics["count"]) == 5
+        np.testing.assert_allclose(metrics[k], want[k], rtol=1e-5)
+    per_example = np.mean([float(es.snr(batch["label"][i], out[i])) for i in range(8)])
+    assert abs(float(metrics["snr"]) - per_example) > 1e-3
 
 
 def test_whole_batch_forward_equals_per_example():

@@ -201,7 +201,7 @@ def test_only_apply_and_only_evaluate(data, tmp_path):
     config = base_config(num_epochs=1, checkpointing=True, workdir=str(tmp_path))
     state, _ = es.BasicTrainer(config, model, train_ds, test_ds, model_state=ms).train()
     # 40 examples, batch 16: the last partial batch counts too.
-    out = es.only_apply(config, model, test_ds, model_state=ms, workdir=tmp_path)
+    out, _ = es.only_apply(config, model, test_ds, model_state=ms, workdir=tmp_path)
     assert out.shape == test_ds["image"].shape
     inference = eqx.nn.inference_mode(state.model)
     by_hand = np.stack(
@@ -212,16 +212,27 @@ def test_only_apply_and_only_evaluate(data, tmp_path):
     )
     np.testing.assert_allclose(out, by_hand, rtol=1e-5, atol=1e-6)
     metrics = es.only_evaluate(config, model, test_ds, model_state=ms, workdir=tmp_path)
-    per_example = [
-        es.compute_metrics(jnp.asarray(o[None]), jnp.asarray(lab[None]))
-        for o, lab in zip(by_hand, test_ds["label"])
+
+    # SCICO's definition: compute_metrics per device (16 = 4 devices x 4), averaged
+    # over devices and batches; the last 8 as one batch, weighted by their count.
+    def batch_metrics(rows):
+        m = es.compute_metrics(jnp.asarray(by_hand[rows]), test_ds["label"][rows])
+        return np.array([float(m["loss"]), float(m["snr"])])
+
+    full = [
+        np.mean([batch_metrics(slice(s, s + 4)) for s in range(b, b + 16, 4)], 0)
+        for b in (0, 16)
     ]
-    for k in ("loss", "snr"):
-        np.testing.assert_allclose(
-            metrics[k], np.mean([float(m[k]) for m in per_example]), rtol=1e-4
-        )
+    want = (16 * full[0] + 16 * full[1] + 8 * batch_metrics(slice(32, 40))) / 40
+    np.testing.assert_allclose([metrics["loss"], metrics["snr"]], want, rtol=1e-4)
     # Given weights directly, no checkpoint is needed.
-    direct = es.only_apply(config, state.model, test_ds, model_state=state.model_state)
+    direct, _ = es.only_apply(
+        config,
+        state.model,
+        test_ds,
+        model_state=state.model_state,
+        use_checkpoint=False,
+    )
     np.testing.assert_allclose(direct, out, rtol=1e-6)
 
 
