@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from eqx_steps import cli
+from eqx_steps import cli, platform
 
 
 TINY = [
@@ -170,23 +170,23 @@ def test_run_folder_without_config_is_refused(tmp_path, capsys):
 
 def test_configure_xla_flags(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    flags = cli.configure_xla_flags(3)
+    flags = platform.configure_xla_flags(3)
     assert "--xla_force_host_platform_device_count=3" in flags
     assert ("--xla_cpu_experimental_ynn_fusion_type=" in flags) == (
-        cli._jaxlib_version() >= (0, 10)
+        platform.jaxlib_version() >= (0, 10)
     )
     # A user's own XLA_FLAGS: kept, only the device count replaced.
     user = "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1"
     monkeypatch.setenv("XLA_FLAGS", user)
-    flags = cli.configure_xla_flags(2)
+    flags = platform.configure_xla_flags(2)
     assert flags.split() == [
         "--xla_cpu_foo=1",
         "--xla_force_host_platform_device_count=2",
     ]
     monkeypatch.setenv("XLA_FLAGS", user)
-    assert cli.configure_xla_flags(None) == user
+    assert platform.configure_xla_flags(None) == user
     with pytest.raises(ValueError, match="devices"):
-        cli.configure_xla_flags(0)
+        platform.configure_xla_flags(0)
 
 
 def test_python_m_with_two_devices(tmp_path):
