@@ -34,7 +34,7 @@ HOLDOUT = 5
 class Data:
     """The datasets of a run and how to train on them."""
 
-    train: dict[str, np.ndarray] | None  # None when only the test set is needed
+    train: dict[str, np.ndarray]  # empty when only the test set is needed
     test: dict[str, np.ndarray]
     channels: int
     description: str  # for the start-of-run summary
@@ -77,7 +77,7 @@ def _synthetic(settings: Mapping[str, Any], train: bool) -> Data:
             seed=settings["seed"],
         )
     return Data(
-        train_ds if train else None, test_ds, 1, "synthetic phantoms (noise drawn once)"
+        train_ds if train else {}, test_ds, 1, "synthetic phantoms (noise drawn once)"
     )
 
 
@@ -144,7 +144,7 @@ def _from_images(settings: Mapping[str, Any], train: bool) -> Data:
     )
     z = np.random.default_rng(noise_seq).standard_normal(clean.shape, np.float32)
     test_ds = {"image": clean + np.float32(noise) * z, "label": clean}
-    train_ds = None
+    train_ds = {}
     if train:
         patches = random_patches(
             train_images, settings["train_size"], size=patch, seed=train_seq
