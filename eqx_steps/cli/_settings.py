@@ -62,7 +62,8 @@ class Setting:
             return value
         try:
             if self.kind is int:
-                return check_int(self.flag, value, minimum=self.minimum)  # pyright: ignore
+                bound = None if self.minimum is None else int(self.minimum)
+                return check_int(self.flag, value, minimum=bound)
             if self.kind is float:
                 return check_number(
                     self.flag, value, minimum=self.minimum, positive=self.positive
@@ -93,9 +94,10 @@ class Setting:
                 str(e).removeprefix(self.flag + " ")
             ) from None
 
-    def add_to(self, parser: argparse.ArgumentParser, help: str | None = None) -> None:
-        """Add the option `--name` to `parser` (default `None`: not given)."""
-        text = help or self.help
+    def add_to(self, parser: argparse.ArgumentParser, text: str | None = None) -> None:
+        """Add the option `--name` to `parser` (default `None`: not given), with
+        the help `text` (default: the setting's)."""
+        text = text or self.help
         if "(default:" not in text:
             text = f"{text} (default: {self.default})"
         metavar = "{" + ",".join(self.choices) + "}" if self.choices else None

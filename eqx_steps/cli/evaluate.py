@@ -30,7 +30,7 @@ def add_parser(commands: Any, formatter: Any) -> None:
     BY_NAME["devices"].add_to(parser)
     BY_NAME["batch_size"].add_to(
         parser,
-        help="evaluation batch size, rounded up to a multiple of the device count "
+        text="evaluation batch size, rounded up to a multiple of the device count "
         "(default: the run's)",
     )
     parser.set_defaults(run=run)

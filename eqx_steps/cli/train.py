@@ -156,58 +156,61 @@ def _header(settings: dict[str, Any], data: Data, trainer: Any, out: str) -> str
     )
 
 
+def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
+    """What `config.json` holds: everything `evaluate` and `info` need."""
+    import jax
+
+    return {
+        **{k: v for k, v in settings.items() if BY_NAME[k].saved},
+        **trainer_config(settings, workdir),
+        "channels": data.channels,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def _finish(
+    settings: dict[str, Any], data: Data, state: Any, history: Any, workdir: str
+) -> str:
+    """The pictures (process 0) and the final table of a finished run."""
+    model, model_state = host((state.model, state.model_state))
+    output = denoise(model, model_state, data.test, settings["batch_size"])
+    step = int(host(state.step))
+    last = history.records[-1] if history.records else {}
+    metrics = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
+    scico = None
+    if metrics:
+        where = f"last log record, step {last.get('step', step)}"
+        scico = scico_line(metrics, settings["batch_size"], where)
+    text, snrs = summary(settings, data.test, output, scico)
+    if is_main_process():
+        folder.write_curves(workdir, history)
+        title = (
+            f"{settings['model']} after {step} steps, noise std {settings['noise']:g}"
+        )
+        folder.write_samples(workdir, data.test, output, snrs, title)
+    return text + (
+        f"\nRun folder {workdir}: {', '.join(folder.FILES)}, checkpoints (latest "
+        f"step {step})"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps train` with the parsed `args`; the exit status."""
     settings, out, distributed = _settings(args)
     start_jax(settings["devices"], distributed)
-    import jax
-
     main = is_main_process()
     workdir = os.path.abspath(out)
     data = load_data(settings)
     created = _open_folder(workdir, distributed is not None)
     trainer = _make_trainer(settings, data, workdir, created)
     if main:
-        saved = {k: v for k, v in settings.items() if BY_NAME[k].saved}
-        folder.write_config(
-            workdir,
-            {
-                **saved,
-                **trainer_config(settings, workdir),
-                "channels": data.channels,
-                "device_count": jax.device_count(),
-                "process_count": jax.process_count(),
-            },
-        )
+        folder.write_config(workdir, _run_config(settings, data, workdir))
         if args.resume and int(host(trainer.state.step)) == 0:
             print(f"No checkpoint in {out!r} yet: starting from step 0.")
         print(_header(settings, data, trainer, out), flush=True)
-
     state, history = trainer.train()
-
-    model, model_state = host((state.model, state.model_state))
-    batch_size = settings["batch_size"]
-    output = denoise(model, model_state, data.test, batch_size)
-    step = int(host(state.step))
-    last = history.records[-1] if history.records else {}
-    scico = None
-    if "eval_loss" in last or "eval_snr" in last:
-        metrics = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
-        scico = scico_line(metrics, batch_size, f"last log record, step {step}")
-    text, snrs = summary(settings, data.test, output, scico)
+    text = _finish(settings, data, state, history, workdir)
     if main:
-        folder.write_curves(workdir, history)
-        folder.write_samples(
-            workdir,
-            data.test,
-            output,
-            snrs,
-            f"{settings['model']} after {step} steps, noise std {settings['noise']:g}",
-        )
-        print(text)
-        print(
-            f"Run folder {out}: {', '.join(folder.FILES)}, checkpoints (latest step "
-            f"{step})",
-            flush=True,
-        )
+        print(text, flush=True)
     return 0
