@@ -84,17 +84,26 @@ def _synthetic(settings: Mapping[str, Any], train: bool) -> Data:
 def split(
     images: list[tuple[str, np.ndarray]], patch: int
 ) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Training and test images: one image in `HOLDOUT` (the last of each group,
-    at least one) is held out; a single image gives its bottom `1/HOLDOUT` rows
-    (at least one patch high) to the test set.
+    """Training and test images, the test ones held out.
 
-    **Raises:**
+    Several images: every `HOLDOUT`-th image (the 5th, 10th, ...; with fewer than
+    `HOLDOUT`, the last) is a test image. A single image: its bottom
+    `1/HOLDOUT` rows (at least one patch high) are the test image, the rest the
+    training image.
 
-    `UsageError` naming an image smaller than the patch.
+    **Arguments:**
+
+    - `images`: `(name, image)` pairs, as `read_images` returns them.
+    - `patch`: the patch size.
 
     **Returns:**
 
     The training images, the test images and a description of the split.
+
+    **Raises:**
+
+    `UsageError` naming an image smaller than the patch, or a single image too
+    small to split.
     """
     for name, im in images:
         if min(im.shape[:2]) < patch:

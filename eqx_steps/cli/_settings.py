@@ -33,6 +33,7 @@ class Setting:
     choices: tuple[str, ...] = ()
     nullable: bool = False
     saved: bool = True  # a setting of the run, stored in config.json
+    metavar: str | None = None  # the option's value in --help (default: NAME)
 
     @property
     def flag(self) -> str:
@@ -100,13 +101,11 @@ class Setting:
         text = text or self.help
         if "(default:" not in text:
             text = f"{text} (default: {self.default})"
-        metavar = "{" + ",".join(self.choices) + "}" if self.choices else None
+        metavar = self.metavar or self.name.upper()
+        if self.choices:
+            metavar = "{" + ",".join(self.choices) + "}"
         parser.add_argument(
-            self.flag,
-            type=self.parse,
-            default=None,
-            metavar=metavar or self.name.upper(),
-            help=text,
+            self.flag, type=self.parse, default=None, metavar=metavar, help=text
         )
 
 
@@ -143,6 +142,7 @@ SETTINGS: tuple[Setting, ...] = (
         "five (a single image: its bottom fifth) held out for the test set "
         "(default: synthetic phantoms)",
         nullable=True,
+        metavar="PATH",
     ),
     Setting(
         "noise",
