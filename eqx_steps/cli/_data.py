@@ -12,6 +12,8 @@
     once, seeded, so that every evaluation sees the same test set.
 
 Either way `evaluate` rebuilds the same test set from the run's settings.
+The images of `--data` are held in memory (float32) while the patches are cut,
+then released: a folder of a few hundred photographs needs a few GB.
 """
 
 from __future__ import annotations
