@@ -72,6 +72,11 @@ def initialize(
 
     Nothing. Afterwards `jax.process_count()`, `jax.process_index()` and
     `jax.devices()` describe the whole job.
+
+    **Raises:**
+
+    `RuntimeError` when JAX has already started its backends; `TypeError` or
+    `ValueError` naming an argument of the wrong type or out of range.
     """
     if backends_started():
         raise RuntimeError(
