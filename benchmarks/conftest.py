@@ -2,33 +2,24 @@
 
 `XLA_FLAGS=--xla_force_host_platform_device_count=N` is read once per process,
 so the suite runs once per device count: `EQX_STEPS_BENCH_DEVICES` (default 4)
-sets N here, before JAX is imported. When the user has not set `XLA_FLAGS`
-themselves, `--xla_cpu_experimental_ynn_fusion_type=` is added too (XLA:CPU of
-jaxlib 0.10 runs convolutions ~3x faster with it; older jaxlibs abort on it).
+sets N here, before JAX starts, through `eqx_steps.platform.configure_xla_flags`
+(the function the tests and the command use): when the user has not set
+`XLA_FLAGS` themselves, `--xla_cpu_experimental_ynn_fusion_type=` is added too
+(XLA:CPU of jaxlib 0.10 runs convolutions ~3x faster with it; older jaxlibs abort
+on it).
 
 Run with `pytest benchmarks --benchmark-only` (times everything) or
 `pytest benchmarks --benchmark-disable` (CI: every case once, small sizes).
 """
 
 import os
-import re
-from importlib.metadata import version
+
+from eqx_steps.platform import configure_xla_flags
 
 
 N_DEVICES = int(os.environ.get("EQX_STEPS_BENCH_DEVICES", "4"))
 
-
-def _xla_flags() -> str:
-    user = os.environ.get("XLA_FLAGS")
-    flags = re.sub(r"--xla_force_host_platform_device_count=\S*", "", user or "")
-    flags = f"{flags} --xla_force_host_platform_device_count={N_DEVICES}"
-    major, minor = (int(v) for v in version("jaxlib").split(".")[:2])
-    if user is None and (major, minor) >= (0, 10):
-        flags += " --xla_cpu_experimental_ynn_fusion_type="
-    return " ".join(flags.split())
-
-
-os.environ["XLA_FLAGS"] = _xla_flags()
+configure_xla_flags(N_DEVICES)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402

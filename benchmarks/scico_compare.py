@@ -13,7 +13,7 @@ The workload is the one of the issue's table: DnCNN of depth 6 with 32 filters,
 with the jax it was installed with); the library runs
 `eqx_steps.parallel_train_step` (backend "pmap", default `nan_policy="raise"`)
 on `eqx_steps.models.DnCNN` in this environment, with the XLA flags of the
-command line (`eqx_steps.cli.configure_xla_flags`). Each run is a fresh process
+command line (`eqx_steps.platform.configure_xla_flags`). Each run is a fresh process
 timing `--steps` steps after a warm-up; the two alternate `--repeats` times so
 that both see the same machine. Prints one JSON line per run and a Markdown
 table: the fastest step of all runs (min) and the median of the runs' medians.
@@ -152,7 +152,7 @@ def main(argv=None) -> None:
         print(json.dumps(child_scico(args.steps)))
         return
     if args.child == "library":
-        from eqx_steps.cli import configure_xla_flags
+        from eqx_steps.platform import configure_xla_flags
 
         configure_xla_flags(1)
         print(json.dumps(child_library(args.steps)))

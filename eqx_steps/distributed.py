@@ -12,6 +12,9 @@ import sys
 
 import jax
 
+from ._validate import check_int
+from .platform import backends_started
+
 
 ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"
@@ -29,13 +32,6 @@ def _env_int(name: str) -> int | None:
             f"environment variable {name}={value!r} is not an integer; set it to "
             "a whole number or unset it."
         ) from None
-
-
-def backends_started() -> bool:
-    """Whether JAX has started its backends (after which XLA flags are fixed)."""
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
 
 
 def initialize(
@@ -76,6 +72,11 @@ def initialize(
 
     Nothing. Afterwards `jax.process_count()`, `jax.process_index()` and
     `jax.devices()` describe the whole job.
+
+    **Raises:**
+
+    `RuntimeError` when JAX has already started its backends; `TypeError` or
+    `ValueError` naming an argument of the wrong type or out of range.
     """
     if backends_started():
         raise RuntimeError(
@@ -89,27 +90,18 @@ def initialize(
         num_processes = _env_int(ENV_NUM_PROCESSES)
     if process_id is None:
         process_id = _env_int(ENV_PROCESS_ID)
-    for name, value in (
-        ("timeout_s", timeout_s),
-        ("heartbeat_timeout_s", heartbeat_timeout_s),
-    ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    timeout_s = check_int("timeout_s", timeout_s, minimum=1)
+    heartbeat_timeout_s = check_int(
+        "heartbeat_timeout_s", heartbeat_timeout_s, minimum=1
+    )
+    if num_processes is not None:
+        num_processes = check_int("num_processes", num_processes, minimum=1)
+    if process_id is not None:
+        process_id = check_int("process_id", process_id, minimum=0)
+        if num_processes is not None and process_id >= num_processes:
             raise ValueError(
-                f"`{name}` must be a positive int of seconds, got {value!r}."
-            )
-    if num_processes is not None and (
-        isinstance(num_processes, bool)
-        or not isinstance(num_processes, int)
-        or num_processes < 1
-    ):
-        raise ValueError(
-            f"`num_processes` must be a positive int, got {num_processes!r}."
-        )
-    if process_id is not None and num_processes is not None:
-        if not isinstance(process_id, int) or not 0 <= process_id < num_processes:
-            raise ValueError(
-                f"`process_id` = {process_id!r} must be an int in [0, {num_processes}) "
-                f"for num_processes = {num_processes}."
+                f"`process_id` = {process_id} must be in [0, {num_processes}) for "
+                f"num_processes = {num_processes}."
             )
     if coordinator_address is not None and ":" not in coordinator_address:
         raise ValueError(
@@ -117,7 +109,8 @@ def initialize(
             "e.g. '10.0.0.1:1234'."
         )
     if local_device_count is not None:
-        jax.config.update("jax_num_cpu_devices", int(local_device_count))
+        local_device_count = check_int("local_device_count", local_device_count)
+        jax.config.update("jax_num_cpu_devices", local_device_count)
     me = "?" if process_id is None else process_id
     total = "?" if num_processes is None else num_processes
     print(

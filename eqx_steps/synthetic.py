@@ -1,17 +1,22 @@
-"""Synthetic denoising data: random ellipse phantoms and noisy copies.
+"""Synthetic denoising data: random ellipse phantoms, noisy copies, fresh noise.
 
 Nothing is downloaded; everything is generated from a seed with NumPy, fast
 enough for tests, examples and the CLI demo (a few thousand 32x32 patches take
-a fraction of a second).
+a fraction of a second). [`eqx_steps.synthetic.with_input_noise`][] instead draws
+the noise inside the training step, anew at every step, for training on clean
+images of one's own.
 """
 
 import math
-import numbers
+from collections.abc import Callable
+from typing import Any
 
+import jax
 import numpy as np
 
+from ._validate import check_int, check_number, is_int, is_real
+from .steps import train_step
 
-__all__ = ["make_denoising_data", "make_phantoms"]
 
 # Each phantom: a background level, up to _MAX_ELLIPSES overlapping ellipses
 # painted one over the other (piecewise-constant regions with sharp edges) and
@@ -23,22 +28,14 @@ _CHUNK_PIXELS = 1 << 22
 
 
 def _check_int(value, name: str, minimum: int) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or value < minimum
-    ):
+    # ValueError for every bad value, as this module has always raised.
+    if not is_int(value) or value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     return int(value)
 
 
 def _check_noise_std(noise_std) -> float:
-    if (
-        isinstance(noise_std, bool)
-        or not isinstance(noise_std, numbers.Real)
-        or not math.isfinite(noise_std)
-        or noise_std < 0
-    ):
+    if not is_real(noise_std) or not math.isfinite(noise_std) or noise_std < 0:
         raise ValueError(
             f"`noise_std` must be a finite number >= 0, got {noise_std!r}."
         )
@@ -210,3 +207,67 @@ def make_denoising_data(
         dataset(n_train, train_clean, train_noise),
         dataset(n_test, test_clean, test_noise),
     )
+
+
+def with_input_noise(
+    noise_std: float,
+    *,
+    seed: int = 0,
+    train_step_fn: Callable[..., tuple[Any, dict]] = train_step,
+) -> Callable[..., tuple[Any, dict]]:
+    """A training step that adds fresh Gaussian noise to the clean targets.
+
+    The returned function has the signature of [`eqx_steps.train_step`][] and
+    can be passed as `train_step_fn` (to `parallel_train_step`, or as
+    `config["train_step_fn"]` to `BasicTrainer`). It replaces `batch["image"]` by
+    `batch["label"] + noise_std * z`, `z` standard normal, and calls
+    `train_step_fn`. The noise is drawn from a key derived from `seed`, the
+    state's `step` and the device's index along `axis_name`: a new draw at every
+    step (so each epoch sees each clean patch with new noise), different on every
+    device and example, and the same again when a run is resumed from a
+    checkpoint. The dataset then holds clean images only (`"image"` can be the
+    same array as `"label"`).
+
+    **Arguments:**
+
+    - `noise_std`: the standard deviation of the noise (>= 0).
+    - `seed`: a non-negative integer seed of the noise.
+    - `train_step_fn`: the step to run on the noisy batch (default
+        [`eqx_steps.train_step`][]).
+
+    **Returns:**
+
+    The step `(state, batch, learning_rate_fn, criterion, metrics_fn, *,
+    axis_name="device") -> (state, metrics)`.
+
+    !!! example
+
+        ```python
+        step = with_input_noise(0.1, seed=0)
+        train = es.parallel_train_step(lr, es.mse_loss, es.compute_metrics,
+                                       train_step_fn=step)
+        state, metrics = train(state, {"image": clean, "label": clean})
+        ```
+    """
+    std = check_number("noise_std", noise_std, minimum=0)
+    seed = check_int("seed", seed, minimum=0)
+
+    def noisy_step(
+        state, batch, learning_rate_fn, criterion, metrics_fn, *, axis_name="device"
+    ):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        if axis_name is not None:
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+        clean = batch["label"]
+        noise = jax.random.normal(key, clean.shape, clean.dtype)
+        batch = {**batch, "image": clean + std * noise}
+        return train_step_fn(
+            state,
+            batch,
+            learning_rate_fn,
+            criterion,
+            metrics_fn,
+            axis_name=axis_name,
+        )
+
+    return noisy_step

@@ -5,7 +5,7 @@ The XLA flags must be set before JAX starts its backend, hence at the top of con
 
 import os
 
-from eqx_steps.cli import configure_xla_flags
+from eqx_steps.platform import configure_xla_flags
 
 
 # XLA reads its flags when the backend starts, not at import: 4 CPU devices, and

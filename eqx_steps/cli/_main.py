@@ -1,0 +1,71 @@
+"""The argument parser of `eqx-steps` and its entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from . import evaluate, info, train
+from ._errors import one_line, UsageError
+
+
+COMMANDS = (train, evaluate, info)
+"""The command modules, in the order of `--help`; each has `add_parser` and `run`."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # pyright: ignore[reportIncompatibleMethodOverride]
+        self.exit(2, f"{self.prog}: error: {one_line(message)}\n")
+
+
+def _formatter(prog: str) -> argparse.HelpFormatter:
+    return argparse.HelpFormatter(prog, max_help_position=30)
+
+
+def build_parser(prog: str = "eqx-steps") -> argparse.ArgumentParser:
+    """The argument parser of the command, with one subcommand per command module.
+
+    **Arguments:**
+
+    - `prog`: the command name shown in help and error messages.
+
+    **Returns:**
+
+    The `argparse.ArgumentParser`; a parsed namespace has `run`, the command's
+    function.
+    """
+    parser = _Parser(
+        prog=prog,
+        description="Train an Equinox image denoiser on synthetic data or your own "
+        "images on every local device, evaluate it, inspect a run.",
+        formatter_class=_formatter,
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(commands, _formatter)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None, *, prog: str = "eqx-steps") -> int:
+    """Run the `eqx-steps` command.
+
+    **Arguments:**
+
+    - `argv`: the arguments (default: `sys.argv[1:]`), e.g. `["train", "--epochs",
+        "5"]`.
+    - `prog`: the command name shown in help and error messages.
+
+    **Returns:**
+
+    The exit status, 0. A bad option, file or folder prints one line on stderr
+    and raises `SystemExit(2)`.
+    """
+    args = build_parser(prog).parse_args(argv)
+    try:
+        return args.run(args)
+    except UsageError as e:
+        print(
+            f"{prog} {args.command}: error: {one_line(e)}", file=sys.stderr, flush=True
+        )
+        raise SystemExit(2) from None

@@ -1,0 +1,181 @@
+"""The run folder: the one writer of `config.json` and of the pictures.
+
+A run folder holds
+
+- `config.json`: the run's settings, its trainer configuration and what it ran
+    on; written once, atomically, when training starts. `evaluate` and `info`
+    rebuild the run from it.
+- `metrics.jsonl`: one JSON record per log point, appended by the trainer (read
+    here only for `info`).
+- the orbax checkpoints (numbered folders), written by the trainer.
+- `curves.png` (from the `History` that training returns) and `samples.png`
+    (test patches: clean, noisy, denoised).
+
+In a multi-process run only process 0 writes here.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .._io import atomic_write
+from ._errors import one_line, UsageError
+from ._settings import saved_settings
+
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+CURVES_FILE = "curves.png"
+SAMPLES_FILE = "samples.png"
+FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, SAMPLES_FILE)
+
+
+def default_out(model: str) -> str:
+    """A new folder name under `runs/`: `<model>-<date>-<time>[-<n>]`."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{model}-{stamp}")
+    out, i = base, 1
+    while os.path.exists(out):
+        out, i = f"{base}-{i}", i + 1
+    return out
+
+
+def check_new(out: str) -> None:
+    """Refuse to start a new run in a file or a non-empty folder."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise UsageError(f"--out {out!r} is a file, not a folder")
+    if os.listdir(out):
+        raise UsageError(
+            f"run folder {out!r} already exists and is not empty; pass --resume "
+            "to continue it, or choose another --out"
+        )
+
+
+def _read_json(path: str) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise UsageError(f"{path!r} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read {path!r}: {one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{path!r} does not hold a JSON object")
+    return data
+
+
+def read_config(run_dir: str) -> dict[str, Any]:
+    """The whole `config.json` of `run_dir`, checked to come from `eqx-steps train`.
+
+    **Raises:**
+
+    `UsageError` when the folder or the file is missing or not a run's.
+    """
+    if not os.path.isdir(run_dir):
+        raise UsageError(
+            f"run folder {run_dir!r} does not exist; give the folder that "
+            "`eqx-steps train --out` wrote"
+        )
+    path = os.path.join(run_dir, CONFIG_FILE)
+    config = _read_json(path)
+    if "model" not in config:
+        raise UsageError(
+            f"{path!r} has no 'model' setting: it was not written by `eqx-steps "
+            "train`; add the settings of the run to it"
+        )
+    return config
+
+
+def read_settings(run_dir: str) -> dict[str, Any]:
+    """The settings stored in `run_dir/config.json`, validated like the options."""
+    config = read_config(run_dir)
+    return saved_settings(config, repr(os.path.join(run_dir, CONFIG_FILE)))
+
+
+def write_config(run_dir: str, config: Mapping[str, Any]) -> None:
+    """Write `run_dir/config.json` (atomically)."""
+    data = json.dumps(dict(config), indent=2).encode() + b"\n"
+    atomic_write(os.path.join(run_dir, CONFIG_FILE), data)
+
+
+def read_metrics(run_dir: str) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl` (a damaged line is skipped)."""
+    path = os.path.join(run_dir, METRICS_FILE)
+    if not os.path.exists(path):
+        return []
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+    return records
+
+
+def write_curves(run_dir: str, history: Any) -> None:
+    """Write `curves.png` from the `History` that training returned (if any)."""
+    if history.records:
+        history.plot(os.path.join(run_dir, CURVES_FILE))
+
+
+def _show(ax: Any, image: np.ndarray, title: str) -> None:
+    image = np.clip(np.asarray(image), 0, 1)
+    gray = image.shape[-1] == 1
+    ax.imshow(
+        image[..., 0] if gray else image,
+        cmap="gray" if gray else None,
+        vmin=0,
+        vmax=1,
+        interpolation="nearest",
+    )
+    ax.set_title(title, fontsize=10)
+    ax.set_axis_off()
+
+
+def write_samples(
+    run_dir: str,
+    test_ds: Mapping[str, np.ndarray],
+    output: np.ndarray,
+    snrs: tuple[np.ndarray, np.ndarray],
+    title: str,
+    count: int = 4,
+) -> None:
+    """Write `samples.png`: test patches, one per row: clean, noisy, denoised.
+
+    **Arguments:**
+
+    - `run_dir`: the run folder.
+    - `test_ds`: the test set (`"label"` clean, `"image"` noisy).
+    - `output`: the denoised test set.
+    - `snrs`: the per-patch SNR of the noisy and of the denoised patches.
+    - `title`: the figure's title.
+    - `count`: how many patches (spread over the test set).
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global state, any backend
+
+    n = len(output)
+    rows = np.unique(np.linspace(0, n - 1, min(count, n)).round().astype(int))
+    fig = Figure(figsize=(6.6, 2.15 * len(rows) + 0.5), dpi=90)
+    axes = fig.subplots(len(rows), 3, squeeze=False)
+    snr_in, snr_out = snrs
+    for r, i in enumerate(rows):
+        _show(axes[r][0], test_ds["label"][i], f"clean #{i}")
+        _show(axes[r][1], test_ds["image"][i], f"noisy: {snr_in[i]:.1f} dB")
+        _show(axes[r][2], output[i], f"denoised: {snr_out[i]:.1f} dB")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write(os.path.join(run_dir, SAMPLES_FILE), buf.getvalue())

@@ -1,0 +1,304 @@
+"""The settings of a training run: one table for the options, config files and
+`config.json`."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Callable
+from typing import Any
+
+from .._validate import check_int, check_number
+from ._errors import one_line, UsageError
+from ._models import MODEL_DEPTH, MODELS
+
+
+_KIND = {int: "an integer", float: "a number", str: "a string"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One setting: its key (config files, `config.json`), option and check."""
+
+    name: str  # the key; the option is --name-with-dashes
+    kind: type  # int, float or str
+    default: Any
+    help: str
+    minimum: float | None = None
+    positive: bool = False  # > 0 rather than >= minimum
+    choices: tuple[str, ...] = ()
+    nullable: bool = False
+    saved: bool = True  # a setting of the run, stored in config.json
+    metavar: str | None = None  # the option's value in --help (default: NAME)
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def _reason(self, error: Exception) -> str:
+        """The message of a `_validate` check without its leading name."""
+        return str(error).removeprefix(self.flag).lstrip(" =").rstrip(".")
+
+    def check(self, value: Any, where: str) -> Any:
+        """`value` validated; `where` names it in the message (`--epochs`, or
+        `'epochs' in 'run.toml'`).
+
+        **Raises:**
+
+        `UsageError` saying what is wrong and what is expected.
+        """
+        if value is None and self.nullable:
+            return None
+        if self.choices:
+            if value not in self.choices:
+                close = difflib.get_close_matches(str(value), self.choices, n=1)
+                raise UsageError(
+                    f"{where} must be one of {', '.join(self.choices)}, got {value!r}"
+                    + (f" (did you mean {close[0]!r}?)" if close else "")
+                )
+            return value
+        try:
+            if self.kind is int:
+                bound = None if self.minimum is None else int(self.minimum)
+                return check_int(self.flag, value, minimum=bound)
+            if self.kind is float:
+                return check_number(
+                    self.flag, value, minimum=self.minimum, positive=self.positive
+                )
+            if not isinstance(value, str):
+                raise TypeError(f"must be a string, got {value!r}")
+            return value
+        except TypeError as e:
+            raise UsageError(
+                f"{where} {self._reason(e)}; write it as {_KIND[self.kind]}"
+                + (" (or null)" if self.nullable else "")
+            ) from None
+        except ValueError as e:
+            raise UsageError(f"{where} {self._reason(e)}") from None
+
+    def parse(self, text: str) -> Any:
+        """Convert and validate a command-line string (argparse's `type=`)."""
+        try:
+            value = self.kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {_KIND[self.kind]}, got {text!r}"
+            ) from None
+        try:
+            return self.check(value, self.flag)
+        except UsageError as e:
+            raise argparse.ArgumentTypeError(
+                str(e).removeprefix(self.flag + " ")
+            ) from None
+
+    def add_to(self, parser: argparse.ArgumentParser, text: str | None = None) -> None:
+        """Add the option `--name` to `parser` (default `None`: not given), with
+        the help `text` (default: the setting's)."""
+        text = text or self.help
+        if "(default:" not in text:
+            text = f"{text} (default: {self.default})"
+        metavar = self.metavar or self.name.upper()
+        if self.choices:
+            metavar = "{" + ",".join(self.choices) + "}"
+        parser.add_argument(
+            self.flag, type=self.parse, default=None, metavar=metavar, help=text
+        )
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("model", str, "dncnn", "the denoiser", choices=MODELS),
+    Setting(
+        "depth",
+        int,
+        None,
+        "number of convolution layers (unet: levels, each halving the patch size; "
+        "the patch must be divisible by 2**(depth-1)) (default: "
+        + ", ".join(f"{m} {d}" for m, d in MODEL_DEPTH.items())
+        + ")",
+        minimum=1,
+        nullable=True,
+    ),
+    Setting("filters", int, 32, "filters of the hidden layers", minimum=1),
+    Setting("epochs", int, 3, "training epochs (passes over the training set)", 1),
+    Setting(
+        "batch_size",
+        int,
+        16,
+        "global batch size, split across the devices (a multiple of their count)",
+        1,
+    ),
+    Setting("lr", float, 3e-3, "learning rate of Adam", positive=True),
+    Setting(
+        "data",
+        str,
+        None,
+        "train on your own images: a folder of PNG/JPEG/TIFF files, one image "
+        "file, or an .npy/.npz array (values in [0, 1], or 8/16-bit); random "
+        "--patch patches, fresh noise of std --noise at every step; one image in "
+        "five (a single image: its bottom fifth) held out for the test set "
+        "(default: synthetic phantoms)",
+        nullable=True,
+        metavar="PATH",
+    ),
+    Setting(
+        "noise",
+        float,
+        0.2,
+        "standard deviation of the Gaussian noise added to the [0, 1] patches",
+        positive=True,
+    ),
+    Setting("patch", int, 32, "patch height and width in pixels", minimum=1),
+    Setting("train_size", int, 1024, "number of training patches", minimum=1),
+    Setting("test_size", int, 128, "number of test patches", minimum=1),
+    Setting("seed", int, 0, "seed of the data, the initialisation and the order", 0),
+    Setting(
+        "backend",
+        str,
+        None,
+        "data-parallel backend: pmap (eqx.filter_pmap) or sharded (shard_map "
+        "under jit; needed across processes) (default: pmap, or sharded for a "
+        "multi-process run)",
+        choices=("pmap", "sharded"),
+        nullable=True,
+    ),
+    Setting(
+        "steps_per_call",
+        int,
+        1,
+        "training steps per dispatch (lax.scan of K steps)",
+        minimum=1,
+    ),
+    Setting(
+        "devices",
+        int,
+        None,
+        "number of CPU devices to split the host into when there is no "
+        "accelerator (a GPU/TPU run uses all local accelerators) (default: "
+        "min(4, CPU cores), or the count already in XLA_FLAGS)",
+        minimum=1,
+        nullable=True,
+    ),
+    Setting(
+        "out",
+        str,
+        None,
+        "run folder (default: runs/<model>-<date>-<time>)",
+        nullable=True,
+        saved=False,
+    ),
+    Setting(
+        "coordinator",
+        str,
+        None,
+        "HOST:PORT of process 0's coordinator, for a multi-process run (default: "
+        "$JAX_COORDINATOR_ADDRESS)",
+        nullable=True,
+        saved=False,
+    ),
+    Setting(
+        "num_processes",
+        int,
+        None,
+        "number of processes of a multi-process run (default: $JAX_NUM_PROCESSES)",
+        minimum=1,
+        nullable=True,
+        saved=False,
+    ),
+    Setting(
+        "process_id",
+        int,
+        None,
+        "this process's index, 0 to num_processes-1 (default: $JAX_PROCESS_ID)",
+        minimum=0,
+        nullable=True,
+        saved=False,
+    ),
+)
+BY_NAME = {s.name: s for s in SETTINGS}
+DEFAULTS = {s.name: s.default for s in SETTINGS}
+
+
+def saved_settings(values: dict[str, Any], where: str) -> dict[str, Any]:
+    """The settings of a run among `values` (e.g. a `config.json`), validated."""
+    return {
+        s.name: s.check(values[s.name], f"{s.name!r} in {where}")
+        for s in SETTINGS
+        if s.saved and s.name in values
+    }
+
+
+def _key(key: Any, where: str) -> str:
+    name = str(key).replace("-", "_")
+    if name not in BY_NAME:
+        close = difflib.get_close_matches(name, list(BY_NAME), n=1)
+        hint = (
+            f"did you mean {close[0]!r}?"
+            if close
+            else "valid keys are " + ", ".join(BY_NAME)
+        )
+        raise UsageError(f"{where}: unknown key {str(key)!r}; {hint}")
+    return name
+
+
+def _parse_text(text: str, path: str) -> Any:
+    """The JSON or TOML document in `text` (the file ending picks the first try)."""
+    parsers: list[tuple[str, Callable[[str], Any]]] = [
+        ("JSON", json.loads),
+        ("TOML", tomllib.loads),
+    ]
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix == ".toml":
+        parsers.reverse()
+    elif suffix == ".json":
+        parsers = parsers[:1]
+    errors = []
+    for name, load in parsers:
+        try:
+            return load(text)
+        except (ValueError, tomllib.TOMLDecodeError) as e:
+            errors.append(f"not valid {name} ({one_line(e)})")
+    raise UsageError(f"config file {path!r} is " + " and ".join(errors))
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """The settings of a TOML or JSON file, validated like the options.
+
+    **Arguments:**
+
+    - `path`: the file (`.toml`, `.json`, or either).
+
+    **Returns:**
+
+    The settings it holds, by key.
+
+    **Raises:**
+
+    `UsageError` naming the file and the problem (unreadable, not TOML/JSON, an
+    unknown key with the closest valid one, a value of the wrong type).
+    """
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(
+            f"cannot read config file {path!r}: {e.strerror or e}"
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path!r} is not UTF-8 text") from None
+    config = _parse_text(text, path)
+    if not isinstance(config, dict):
+        raise UsageError(
+            f"config file {path!r} must hold a table of settings such as "
+            f'{{"model": "dncnn", "epochs": 3}}, got {type(config).__name__}'
+        )
+    out = {}
+    for key, value in config.items():
+        name = _key(key, f"config file {path!r}")
+        out[name] = BY_NAME[name].check(value, f"{name!r} in {path!r}")
+    return out

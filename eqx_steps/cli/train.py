@@ -1,0 +1,216 @@
+"""`eqx-steps train`: train a denoiser and write a run folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any
+
+from . import _run_folder as folder
+from ._data import Data, load_data
+from ._errors import reported, UsageError
+from ._models import build_model, resolve
+from ._report import denoise, scico_line, summary
+from ._runtime import distributed_args, host, is_main_process, start_jax
+from ._settings import BY_NAME, DEFAULTS, read_config_file, SETTINGS
+
+
+# ~15 log points over a run (each evaluates the whole test set).
+_LOG_POINTS = 15
+
+
+def add_parser(commands: Any, formatter: Any) -> None:
+    """Add the `train` command to the subparsers `commands`."""
+    parser = commands.add_parser(
+        "train",
+        help="train a denoiser and write a run folder",
+        description="Train a denoiser (noisy -> clean) on synthetic patches, or on "
+        "your own images with --data, on all local devices, with a progress bar. "
+        "The run folder gets config.json, metrics.jsonl, orbax checkpoints, "
+        "curves.png and samples.png; the test SNR/PSNR of the input and of the "
+        "output are printed at the end.",
+        formatter_class=formatter,
+    )
+    for s in SETTINGS:
+        s.add_to(parser)
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the run in --out from its latest checkpoint, with its saved "
+        "settings (options given here override them, e.g. more --epochs)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML or JSON file of settings with the keys of these options (e.g. "
+        '{"model": "unet", "epochs": 5}); command-line options override it',
+    )
+    parser.set_defaults(run=run)
+
+
+def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str, Any]:
+    """The run's settings (saved < config file < options), folder and job."""
+    given = {k: v for k, v in vars(args).items() if k in BY_NAME and v is not None}
+    from_file = read_config_file(args.config) if args.config else {}
+    out = given.get("out", from_file.get("out"))
+    distributed = distributed_args({**from_file, **given})
+    saved: dict[str, Any] = {}
+    if args.resume:
+        if out is None:
+            raise UsageError("--resume needs --out RUN_DIR, the run to continue")
+        saved = folder.read_settings(out)
+    elif out is not None:
+        folder.check_new(out)
+    if out is None:
+        if distributed is not None:
+            raise UsageError(
+                "a multi-process run needs --out: every process must name the same "
+                "run folder"
+            )
+        out = folder.default_out(given.get("model", from_file.get("model", "dncnn")))
+    settings = resolve({**DEFAULTS, **saved, **from_file, **given})
+    if settings["data"] is not None:
+        settings["data"] = os.path.abspath(settings["data"])
+    if distributed is not None:
+        if settings["backend"] == "pmap":
+            raise UsageError(
+                "--backend pmap cannot run across processes; use --backend sharded"
+            )
+        settings["backend"] = "sharded"
+    elif settings["backend"] is None:
+        settings["backend"] = "pmap"
+    return settings, out, distributed
+
+
+def trainer_config(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
+    """The `BasicTrainer` configuration of a run (JSON values only)."""
+    steps_per_epoch = max(1, settings["train_size"] // settings["batch_size"])
+    num_steps = steps_per_epoch * settings["epochs"]
+    return {
+        "seed": settings["seed"],
+        "batch_size": settings["batch_size"],
+        "num_epochs": settings["epochs"],
+        "base_learning_rate": settings["lr"],
+        "log": True,
+        "workdir": workdir,
+        "checkpointing": True,
+        "backend": settings["backend"],
+        "steps_per_call": settings["steps_per_call"],
+        "log_every_steps": max(1, -(-num_steps // _LOG_POINTS)),
+        # A checkpoint per epoch (the trainer also saves the last step).
+        "steps_per_checkpoint": steps_per_epoch,
+    }
+
+
+def _make_trainer(
+    settings: dict[str, Any], data: Data, workdir: str, created: bool
+) -> Any:
+    """The `BasicTrainer`; a refused run leaves no folder behind."""
+    from ..trainer import BasicTrainer
+
+    model, model_state = build_model(settings, data.channels)
+    config: dict[str, Any] = trainer_config(settings, workdir)
+    if data.train_step_fn is not None:
+        config["train_step_fn"] = data.train_step_fn
+    try:
+        with reported():
+            return BasicTrainer(
+                config, model, data.train, data.test, model_state=model_state
+            )
+    except UsageError:
+        if created and is_main_process() and not os.listdir(workdir):
+            os.rmdir(workdir)
+        raise
+
+
+def _open_folder(workdir: str, multi_process: bool) -> bool:
+    """Create the run folder (before the trainer looks for checkpoints in it, so
+    that every process sees the same thing); whether it is new."""
+    created = not os.path.exists(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    if multi_process:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("eqx-steps: run folder ready")
+    return created
+
+
+def _header(settings: dict[str, Any], data: Data, trainer: Any, out: str) -> str:
+    import jax
+
+    devices = jax.devices()
+    start = int(host(trainer.state.step))
+    return (
+        f"eqx-steps train: {settings['model']} (depth {settings['depth']}, "
+        f"{settings['filters']} filters, {data.channels} channel(s)) on "
+        f"{len(devices)} {devices[0].platform} device(s) in {jax.process_count()} "
+        f"process(es), backend {settings['backend']}\n"
+        f"  data: {data.description}\n"
+        f"  {settings['train_size']} training / {settings['test_size']} test "
+        f"patches of {settings['patch']}x{settings['patch']}, noise std "
+        f"{settings['noise']:g}\n"
+        f"  {settings['epochs']} epochs x {trainer.steps_per_epoch} steps of batch "
+        f"{settings['batch_size']}, lr {settings['lr']:g}"
+        + (f", resuming at step {start}" if start else "")
+        + f"\n  run folder: {out}"
+    )
+
+
+def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
+    """What `config.json` holds: everything `evaluate` and `info` need."""
+    import jax
+
+    return {
+        **{k: v for k, v in settings.items() if BY_NAME[k].saved},
+        **trainer_config(settings, workdir),
+        "channels": data.channels,
+        "device_count": jax.device_count(),
+        "process_count": jax.process_count(),
+    }
+
+
+def _finish(
+    settings: dict[str, Any], data: Data, state: Any, history: Any, workdir: str
+) -> str:
+    """The pictures (process 0) and the final table of a finished run."""
+    model, model_state = host((state.model, state.model_state))
+    output = denoise(model, model_state, data.test, settings["batch_size"])
+    step = int(host(state.step))
+    last = history.records[-1] if history.records else {}
+    metrics = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
+    scico = None
+    if metrics:
+        where = f"last log record, step {last.get('step', step)}"
+        scico = scico_line(metrics, settings["batch_size"], where)
+    text, snrs = summary(settings, data.test, output, scico)
+    if is_main_process():
+        folder.write_curves(workdir, history)
+        title = (
+            f"{settings['model']} after {step} steps, noise std {settings['noise']:g}"
+        )
+        folder.write_samples(workdir, data.test, output, snrs, title)
+    return text + (
+        f"\nRun folder {workdir}: {', '.join(folder.FILES)}, checkpoints (latest "
+        f"step {step})"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run `eqx-steps train` with the parsed `args`; the exit status."""
+    settings, out, distributed = _settings(args)
+    start_jax(settings["devices"], distributed)
+    main = is_main_process()
+    workdir = os.path.abspath(out)
+    data = load_data(settings)
+    created = _open_folder(workdir, distributed is not None)
+    trainer = _make_trainer(settings, data, workdir, created)
+    if main:
+        folder.write_config(workdir, _run_config(settings, data, workdir))
+        if args.resume and int(host(trainer.state.step)) == 0:
+            print(f"No checkpoint in {out!r} yet: starting from step 0.")
+        print(_header(settings, data, trainer, out), flush=True)
+    state, history = trainer.train()
+    text = _finish(settings, data, state, history, workdir)
+    if main:
+        print(text, flush=True)
+    return 0
