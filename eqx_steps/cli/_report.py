@@ -27,7 +27,11 @@ def eval_batch_size(batch_size: int) -> int:
 
 
 def denoise(
-    model: Any, model_state: Any, test_ds: Mapping[str, np.ndarray], batch_size: int
+    model: Any,
+    model_state: Any,
+    test_ds: Mapping[str, np.ndarray],
+    batch_size: int,
+    backend: str = "pmap",
 ) -> np.ndarray:
     """The model's output on every test example, in order, on every process.
 
@@ -36,6 +40,7 @@ def denoise(
     - `model`, `model_state`: the trained model and its state.
     - `test_ds`: the test set.
     - `batch_size`: the evaluation batch size (a multiple of the device count).
+    - `backend`: the parallel backend (`"sharded"` across processes).
 
     **Returns:**
 
@@ -43,48 +48,12 @@ def denoise(
     """
     from ..apply import only_apply
 
+    config = {"batch_size": batch_size, "backend": backend}
     with reported():
-        result = only_apply(
-            {"batch_size": batch_size}, model, test_ds, model_state=model_state
+        outputs, _ = only_apply(
+            config, model, test_ds, model_state=model_state, use_checkpoint=False
         )
-    # SCICO's only_apply returns (output, variables); take the outputs either way.
-    outputs = np.asarray(result[0] if isinstance(result, tuple) else result)
-    return _gather(outputs, len(test_ds["image"]), batch_size)
-
-
-def _gather(local: np.ndarray, n: int, batch_size: int) -> np.ndarray:
-    """All `n` outputs in test-set order, on every process.
-
-    When `only_apply` returns only this process's rows of each evaluation batch
-    (the rows `IterateData` gives it in a multi-process run), the rows of every
-    process are gathered and put back in order.
-    """
-    import jax
-
-    count = jax.process_count()
-    if count == 1 or len(local) == n:
-        return local
-    from jax.experimental import multihost_utils
-
-    from ..data import IterateData, MASK_KEY
-
-    rows = []
-    for p in range(count):
-        batches = IterateData(
-            {"index": np.arange(n)},
-            batch_size,
-            train=False,
-            process_index=p,
-            process_count=count,
-        )
-        rows.append(np.concatenate([b["index"][b[MASK_KEY] > 0] for b in batches]))
-    padded = np.zeros((max(map(len, rows)), *local.shape[1:]), local.dtype)
-    padded[: len(local)] = local
-    gathered = np.asarray(multihost_utils.process_allgather(padded))
-    out = np.empty((n, *local.shape[1:]), local.dtype)
-    for p, index in enumerate(rows):
-        out[index] = gathered[p, : len(index)]
-    return out
+    return np.asarray(outputs)
 
 
 def per_patch_quality(

@@ -54,10 +54,16 @@ def run(args: argparse.Namespace) -> int:
     from ..apply import only_evaluate
 
     step = int(state.step)
-    output = denoise(state.model, state.model_state, data.test, batch_size)
+    output = denoise(
+        state.model,
+        state.model_state,
+        data.test,
+        batch_size,
+        settings["backend"] or "pmap",
+    )
     with reported():
         metrics = only_evaluate(
-            {"batch_size": batch_size},
+            {"batch_size": batch_size, "backend": settings["backend"] or "pmap"},
             state.model,
             data.test,
             model_state=state.model_state,

@@ -174,7 +174,9 @@ def _finish(
 ) -> str:
     """The pictures (process 0) and the final table of a finished run."""
     model, model_state = host((state.model, state.model_state))
-    output = denoise(model, model_state, data.test, settings["batch_size"])
+    output = denoise(
+        model, model_state, data.test, settings["batch_size"], settings["backend"]
+    )
     step = int(host(state.step))
     last = history.records[-1] if history.records else {}
     metrics = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
