@@ -22,4 +22,8 @@ from ._layers import (
     max_pool as max_pool,
     upscale_nn as upscale_nn,
 )
+from ._scico import (
+    load_scico_dncnn as load_scico_dncnn,
+    SCICO_DNCNN_VARIANTS as SCICO_DNCNN_VARIANTS,
+)
 from ._unet import UNet as UNet
