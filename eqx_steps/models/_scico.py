@@ -22,6 +22,7 @@ import msgpack
 import numpy as np
 
 from .._validate import check_choice, is_int
+from ._blocks import ConvBNBlock
 from ._dncnn import DnCNN
 
 
@@ -122,15 +123,57 @@ def _vector(tree: Any, path: str, size: int, dtype) -> jax.Array:
     return jnp.asarray(_array(tree, path, (size,)), dtype)
 
 
+def _placeholder(leaf: Any) -> Any:
+    """Zeros for a `jax.ShapeDtypeStruct` (weakly typed if it is, as the batch
+    norms' counters are); other leaves unchanged."""
+    if not isinstance(leaf, jax.ShapeDtypeStruct):
+        return leaf
+    zeros = np.zeros(leaf.shape, leaf.dtype)
+    return jnp.asarray(zeros.item() if leaf.weak_type and not leaf.shape else zeros)
+
+
+def _block(params: Any, i: int, block: ConvBNBlock, dtype) -> ConvBNBlock:
+    """`block` with the parameters of Flax's `ConvBNBlock_{i}`."""
+    kh, kw = block.conv.kernel_size
+    n = block.conv.out_channels
+    prefix = f"ConvBNBlock_{i}"
+    return eqx.tree_at(
+        lambda b: (b.conv.weight, b.norm.weight, b.norm.bias),
+        block,
+        (
+            _kernel(params, f"{prefix}/Conv_0/kernel", (kh, kw, n, n), dtype),
+            _vector(params, f"{prefix}/BatchNorm_0/scale", n, dtype),
+            _vector(params, f"{prefix}/BatchNorm_0/bias", n, dtype),
+        ),
+    )
+
+
+def _averages(
+    averages: Any, i: int, norm: eqx.nn.BatchNorm, state: eqx.nn.State, dtype
+) -> eqx.nn.State:
+    """`state` with Flax's running averages of `ConvBNBlock_{i}` for `norm`."""
+    assert norm.batch_counter is not None and norm.batch_state_index is not None
+    path = f"ConvBNBlock_{i}/BatchNorm_0"
+    stats = tuple(
+        _vector(averages, f"{path}/{s}", norm.input_size, dtype)
+        for s in ("mean", "var")
+    )
+    state = state.set(norm.batch_counter, jnp.array(_WARM_COUNT))
+    return state.set(norm.batch_state_index, stats)
+
+
 def _dncnn_from_variables(variables: Any) -> tuple[DnCNN, eqx.nn.State]:
     """Build the `DnCNN` and its state from SCICO's `{"params", "batch_stats"}`."""
-    params, stats = _entry(variables, "params"), _entry(variables, "batch_stats")
+    params, averages = _entry(variables, "params"), _entry(variables, "batch_stats")
     start = _entry(params, "conv_start/kernel")
     if not isinstance(start, np.ndarray) or start.ndim != 4:
         raise _NotDnCNN("its entry 'params/conv_start/kernel' is not a 4-D array")
     kh, kw, channels, filters = start.shape
     dtype = jax.dtypes.canonicalize_dtype(start.dtype)
-    model, state = eqx.nn.make_with_state(DnCNN)(
+    # The architecture only: every array is replaced below, so a random
+    # initialisation (compiled per shape, seconds) would be wasted.
+    skeleton = eqx.filter_eval_shape(
+        eqx.nn.make_with_state(DnCNN),
         depth=_block_count(params) + 2,
         channels=channels,
         num_filters=filters,
@@ -138,33 +181,19 @@ def _dncnn_from_variables(variables: Any) -> tuple[DnCNN, eqx.nn.State]:
         dtype=dtype,
         key=jax.random.key(0),
     )
-    weights = [_kernel(params, "conv_start/kernel", (kh, kw, channels, filters), dtype)]
+    model, state = jax.tree_util.tree_map(_placeholder, skeleton)
     for i, block in enumerate(model.blocks):
-        conv, norm = f"ConvBNBlock_{i}/Conv_0", f"ConvBNBlock_{i}/BatchNorm_0"
-        weights += [
-            _kernel(params, f"{conv}/kernel", (kh, kw, filters, filters), dtype),
-            _vector(params, f"{norm}/scale", filters, dtype),
-            _vector(params, f"{norm}/bias", filters, dtype),
-        ]
-        averages = tuple(
-            _vector(stats, f"{norm}/{s}", filters, dtype) for s in ("mean", "var")
-        )
-        assert block.norm.batch_counter is not None
-        assert block.norm.batch_state_index is not None
-        state = state.set(block.norm.batch_counter, jnp.array(_WARM_COUNT))
-        state = state.set(block.norm.batch_state_index, averages)
-    weights.append(
-        _kernel(params, "conv_end/kernel", (kh, kw, filters, channels), dtype)
+        state = _averages(averages, i, block.norm, state, dtype)
+    model = eqx.tree_at(
+        lambda m: (m.conv_start.weight, m.blocks, m.conv_end.weight),
+        model,
+        (
+            _kernel(params, "conv_start/kernel", (kh, kw, channels, filters), dtype),
+            tuple(_block(params, i, b, dtype) for i, b in enumerate(model.blocks)),
+            _kernel(params, "conv_end/kernel", (kh, kw, filters, channels), dtype),
+        ),
     )
-    return eqx.tree_at(_weight_leaves, model, weights), state
-
-
-def _weight_leaves(model: DnCNN) -> list[Any]:
-    """The model's parameters, in the order `_dncnn_from_variables` reads them."""
-    leaves: list[Any] = [model.conv_start.weight]
-    for block in model.blocks:
-        leaves += [block.conv.weight, block.norm.weight, block.norm.bias]
-    return [*leaves, model.conv_end.weight]
+    return model, state
 
 
 def _source(variant_or_path: str | os.PathLike) -> tuple[bytes, str]:
