@@ -32,6 +32,7 @@ SCICO_DNCNN_VARIANTS = ("6L", "6M", "6H", "6N", "17M")
 `[0, 1]`, or N (the noise level is a second input channel)."""
 
 _ARG = "variant_or_path"
+_DATA_PACKAGE = "eqx_steps.models"  # holds scico_dncnn/ (package data)
 _NDARRAY_EXT = 1  # flax.serialization's msgpack extension code for an ndarray
 _BLOCK = re.compile(r"ConvBNBlock_(\d+)")
 # The batch norm's count of updates given to a loaded model: large enough that
@@ -154,12 +155,10 @@ def _averages(
     """`state` with Flax's running averages of `ConvBNBlock_{i}` for `norm`."""
     assert norm.batch_counter is not None and norm.batch_state_index is not None
     path = f"ConvBNBlock_{i}/BatchNorm_0"
-    stats = tuple(
-        _vector(averages, f"{path}/{s}", norm.input_size, dtype)
-        for s in ("mean", "var")
-    )
+    mean = _vector(averages, f"{path}/mean", norm.input_size, dtype)
+    var = _vector(averages, f"{path}/var", norm.input_size, dtype)
     state = state.set(norm.batch_counter, jnp.array(_WARM_COUNT))
-    return state.set(norm.batch_state_index, stats)
+    return state.set(norm.batch_state_index, (mean, var))
 
 
 def _dncnn_from_variables(variables: Any) -> tuple[DnCNN, eqx.nn.State]:
@@ -199,7 +198,7 @@ def _dncnn_from_variables(variables: Any) -> tuple[DnCNN, eqx.nn.State]:
 def _source(variant_or_path: str | os.PathLike) -> tuple[bytes, str]:
     """The file's bytes and how to name it in a message."""
     if isinstance(variant_or_path, str) and variant_or_path in SCICO_DNCNN_VARIANTS:
-        files = importlib.resources.files(__package__) / "scico_dncnn"
+        files = importlib.resources.files(_DATA_PACKAGE) / "scico_dncnn"
         name = f"dncnn{variant_or_path}.mpk"
         return (files / name).read_bytes(), f"the shipped {name}"
     if not isinstance(variant_or_path, str | os.PathLike):
