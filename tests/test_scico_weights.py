@@ -254,7 +254,7 @@ def test_a_path_as_a_string(tmp_path):
 def test_unknown_variant_lists_the_valid_ones():
     with pytest.raises(ValueError, match="variant_or_path.*'6M'.*'17M'"):
         load_scico_dncnn("6X")
-    with pytest.raises(ValueError, match="17N.*not shipped.*path"):
+    with pytest.raises(ValueError, match="17N.*not shipped: pass their path"):
         load_scico_dncnn("17N")
 
 

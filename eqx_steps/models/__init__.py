@@ -2,7 +2,8 @@
 
 Each model takes one example `(height, width, channels)` and an
 `eqx.nn.State` and returns `(y, state)`; build one with
-`eqx.nn.make_with_state(DnCNN)(depth=..., channels=..., key=...)`.
+`eqx.nn.make_with_state(DnCNN)(depth=..., channels=..., key=...)`, or load
+SCICO's pretrained DnCNN denoisers with `load_scico_dncnn("6M")`.
 """
 
 from ._blocks import (

@@ -216,8 +216,8 @@ def _source(variant_or_path: str | os.PathLike) -> tuple[bytes, str]:
             check_choice(_ARG, path, SCICO_DNCNN_VARIANTS)
         except ValueError as e:  # add the other accepted form and SCICO's others
             raise ValueError(
-                f"{e} (or a path to a Flax msgpack file of SCICO's DnCNN: SCICO's "
-                "17L, 17H and 17N are not shipped, pass their .mpk path)."
+                f"{str(e).rstrip('.')}, or the path of a Flax msgpack file of SCICO's "
+                "DnCNN (SCICO's 17L, 17H and 17N are not shipped: pass their path)."
             ) from None
     if not os.path.isfile(path):
         raise FileNotFoundError(
