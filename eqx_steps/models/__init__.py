@@ -2,7 +2,8 @@
 
 Each model takes one example `(height, width, channels)` and an
 `eqx.nn.State` and returns `(y, state)`; build one with
-`eqx.nn.make_with_state(DnCNN)(depth=..., channels=..., key=...)`.
+`eqx.nn.make_with_state(DnCNN)(depth=..., channels=..., key=...)`, or load
+SCICO's pretrained DnCNN denoisers with `load_scico_dncnn("6M")`.
 """
 
 from ._blocks import (
@@ -21,5 +22,9 @@ from ._layers import (
     lecun_normal as lecun_normal,
     max_pool as max_pool,
     upscale_nn as upscale_nn,
+)
+from ._scico import (
+    load_scico_dncnn as load_scico_dncnn,
+    SCICO_DNCNN_VARIANTS as SCICO_DNCNN_VARIANTS,
 )
 from ._unet import UNet as UNet
