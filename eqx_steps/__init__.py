@@ -12,8 +12,13 @@ from .checkpoint import (
     save_model as save_model,
 )
 from .data import create_input_iter as create_input_iter, IterateData as IterateData
-from .losses import mse_loss as mse_loss
-from .metrics import compute_metrics as compute_metrics, psnr as psnr, snr as snr
+from .losses import cross_entropy_loss as cross_entropy_loss, mse_loss as mse_loss
+from .metrics import (
+    classification_metrics as classification_metrics,
+    compute_metrics as compute_metrics,
+    psnr as psnr,
+    snr as snr,
+)
 from .parallel import (
     parallel_eval_step as parallel_eval_step,
     parallel_train_step as parallel_train_step,
