@@ -33,6 +33,7 @@ from .postprocess import (
     construct_traversal as construct_traversal,
     estimate_spectral_norm as estimate_spectral_norm,
     exact_spectral_norm as exact_spectral_norm,
+    path_to_str as path_to_str,
     spectral_normalization_conv as spectral_normalization_conv,
 )
 from .schedules import (
