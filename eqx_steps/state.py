@@ -289,6 +289,14 @@ class TrainState(eqx.Module):
 _OPTIMIZERS = ("SGD", "ADAM", "ADAMW")
 
 
+class _UnknownOptimizerError(ValueError, NotImplementedError):
+    """`config["opt_type"]` names no known optimizer.
+
+    Both a `ValueError` (a bad value) and a `NotImplementedError` (what SCICO's
+    `create_basic_train_state` raises), so code written for either catches it.
+    """
+
+
 def create_basic_train_state(
     config: Mapping[str, Any],
     model: PyTree,
@@ -315,6 +323,11 @@ def create_basic_train_state(
     **Returns:**
 
     The initial `TrainState`.
+
+    **Raises:**
+
+    An error that is both a `ValueError` and a `NotImplementedError` (as SCICO
+    raises) for an unknown `config["opt_type"]`.
     """
     opt_type = config.get("opt_type", "ADAM")
     if opt_type == "SGD":
@@ -327,7 +340,7 @@ def create_basic_train_state(
     elif opt_type == "ADAMW":
         tx = optax.adamw(learning_rate_fn)
     else:
-        raise ValueError(
+        raise _UnknownOptimizerError(
             f"config['opt_type'] = {opt_type!r} is not a known optimizer; use one of "
             f"{', '.join(map(repr, _OPTIMIZERS))}, or build an optax optimizer and "
             "call `TrainState.create(model, tx)`."
