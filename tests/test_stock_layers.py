@@ -248,3 +248,32 @@ def test_stock_layer_trains_and_evaluates(kind, backend):
     np.testing.assert_allclose(float(ev["loss"]), np.mean(per_device), rtol=1e-5)
     if kind == "dropout":
         assert float(ev["example_spread"]) == pytest.approx(0.0, abs=1e-10)
+
+
+class BatchedNet(eqx.Module):
+    """A model written for whole batches (it vmaps itself), with an "ema"
+    BatchNorm: for `forward=es.whole_batch`."""
+
+    net: StatefulNet
+
+    def __call__(self, x, state, *, key=None):
+        return jax.vmap(
+            self.net, in_axes=(0, None), out_axes=(0, None), axis_name="batch"
+        )(x, state)
+
+
+def test_ema_batch_norm_in_a_whole_batch_model():
+    net, model_state = eqx.nn.make_with_state(StatefulNet)(
+        "bn_ema", key=jax.random.key(0)
+    )
+    state = es.TrainState.create(
+        BatchedNet(net), TX, model_state=model_state, forward=es.whole_batch
+    )
+    batch = make_batch("bn_ema")
+    new, metrics = TRAIN["sharded"](state, es.shard(batch))
+    assert np.isfinite(float(metrics["loss"]))
+    flag = net.layer.ema_first_time_index
+    assert bool(state.model_state.get(flag)) and not bool(new.model_state.get(flag))
+    mean, _ = per_device_moments(jax.vmap(net.lin1)(batch["image"]), N_DEVICES)
+    got_mean, _ = new.model_state.get(net.layer.ema_state_index)
+    np.testing.assert_allclose(got_mean, mean, rtol=1e-4, atol=1e-6)
