@@ -3,7 +3,14 @@
 This file is the one list of the public API.
 """
 
-from . import distributed as distributed, models as models
+from . import (
+    denoise as denoise,
+    distributed as distributed,
+    images as images,
+    models as models,
+    platform as platform,
+    synthetic as synthetic,
+)
 from .apply import only_apply as only_apply, only_evaluate as only_evaluate
 from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
@@ -13,8 +20,13 @@ from .checkpoint import (
 )
 from .data import create_input_iter as create_input_iter, IterateData as IterateData
 from .evaluate import evaluate_dataset as evaluate_dataset
-from .losses import mse_loss as mse_loss
-from .metrics import compute_metrics as compute_metrics, psnr as psnr, snr as snr
+from .losses import cross_entropy_loss as cross_entropy_loss, mse_loss as mse_loss
+from .metrics import (
+    classification_metrics as classification_metrics,
+    compute_metrics as compute_metrics,
+    psnr as psnr,
+    snr as snr,
+)
 from .parallel import (
     parallel_eval_step as parallel_eval_step,
     parallel_train_step as parallel_train_step,
@@ -29,6 +41,7 @@ from .postprocess import (
     construct_traversal as construct_traversal,
     estimate_spectral_norm as estimate_spectral_norm,
     exact_spectral_norm as exact_spectral_norm,
+    path_to_str as path_to_str,
     spectral_normalization_conv as spectral_normalization_conv,
 )
 from .schedules import (

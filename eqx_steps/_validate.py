@@ -63,7 +63,7 @@ def check_int(name: str, value: Any, *, minimum: int | None = 1) -> int:
             f"({type(value).__name__})."
         )
     if minimum is not None and value < minimum:
-        raise ValueError(f"{_quote(name)} must be >= {minimum}, got {value}.")
+        raise ValueError(f"{_quote(name)} must be an int >= {minimum}, got {value}.")
     return int(value)
 
 

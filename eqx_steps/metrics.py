@@ -1,15 +1,17 @@
-"""Quality metrics: SNR, PSNR and the per-device `compute_metrics` of the steps.
+"""Quality metrics: SNR, PSNR and the per-device metrics functions of the steps.
 
-The definitions are SCICO's (`scico.metric.snr`, `scico.metric.psnr` and
+`compute_metrics` (loss and SNR) serves denoising and regression models,
+`classification_metrics` (loss and accuracy) classifiers. The definitions of the
+first are SCICO's (`scico.metric.snr`, `scico.metric.psnr` and
 `scico.flax.train.diagnostics.compute_metrics`).
 """
 
 from collections.abc import Callable
 
 import jax.numpy as jnp
-from jaxtyping import Array, ArrayLike, Float, Inexact
+from jaxtyping import Array, ArrayLike, Float, Inexact, Int
 
-from .losses import mse_loss
+from .losses import _check_classification, cross_entropy_loss, mse_loss
 
 
 def _check_same_shape(fn: str, reference: Array, comparison: Array) -> None:
@@ -117,3 +119,37 @@ def compute_metrics(
     `{"loss": criterion(output, labels), "snr": snr(labels, output)}`.
     """
     return {"loss": criterion(output, labels), "snr": snr(labels, output)}
+
+
+def classification_metrics(
+    output: Float[Array, "*batch classes"],
+    labels: Int[Array, "*batch"],
+    criterion: Callable[[Array, Array], Float[Array, ""]] = cross_entropy_loss,
+) -> dict[str, Float[Array, ""]]:
+    """The diagnostic metrics of one (per-device) batch of a classifier: loss and
+    accuracy.
+
+    The `metrics_fn` of a classifier, as [`eqx_steps.compute_metrics`][] is for a
+    denoiser: a pure per-device function whose result the steps average over the
+    device axis. The accuracy is the fraction of examples whose largest logit is
+    at their label (ties go to the first class, as `jnp.argmax`).
+
+    **Arguments:**
+
+    - `output`: the model's logits, classes on the last axis, e.g.
+        `(batch, classes)`.
+    - `labels`: the integer class of each example, of shape `output.shape[:-1]`.
+    - `criterion`: the loss `criterion(output, labels) -> scalar`; default
+        [`eqx_steps.cross_entropy_loss`][].
+
+    **Returns:**
+
+    `{"loss": criterion(output, labels), "accuracy": mean(argmax(output, -1) ==
+    labels)}`, the accuracy in `[0, 1]`.
+    """
+    logits, labels = _check_classification("classification_metrics", output, labels)
+    correct = jnp.argmax(logits, axis=-1) == labels
+    return {
+        "loss": criterion(output, labels),
+        "accuracy": jnp.mean(correct.astype(jnp.float32)),
+    }

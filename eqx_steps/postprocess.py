@@ -8,7 +8,7 @@ post_lst = [
     functools.partial(clip_positive, traversal=construct_traversal("alpha")),
     functools.partial(
         spectral_normalization_conv,
-        traversal=construct_traversal("weight"),
+        traversal=construct_traversal("kernel"),
         xshape=(64, 64, 1),
     ),
 ]
@@ -16,19 +16,19 @@ post_lst = [
 
 Each is a tree map over the parameter leaves, selected by a *traversal*: a
 predicate `traversal(path, leaf) -> bool` over the JAX key path of a leaf and
-the leaf. They are pure and traceable (`jax.jit`, `eqx.filter_pmap`), and they
-never touch static fields, non-array leaves (activation functions), integer
-leaves, or `None` leaves (the steps pass the trainable partition of the model,
-where the non-trainable leaves are `None`; they stay `None`).
+the leaf (those of `construct_traversal` also take the class of the layer
+holding the leaf, `owner=`, which the post-processors pass). They are pure and
+traceable (`jax.jit`, `eqx.filter_pmap`), and they never touch static fields,
+non-array leaves (activation functions), integer leaves, or `None` leaves (the
+steps pass the trainable partition of the model, where the non-trainable leaves
+are `None`; they stay `None`).
 
 These reproduce SCICO's `scico.flax.train.traversals` and
 `scico.flax.train.spectral` on Equinox PyTrees instead of Flax parameter dicts.
 """
 
 import dataclasses
-import functools
 import math
-import numbers
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -38,6 +38,14 @@ import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
 from jaxtyping import Array, Float, PyTree
+
+from ._spectral import (
+    check_shape,
+    estimate_spectral_norm as estimate_spectral_norm,
+    exact_spectral_norm as exact_spectral_norm,
+    normalise_conv_weight,
+)
+from ._validate import check_int, is_real
 
 
 KeyPath = tuple[Any, ...]
@@ -74,34 +82,74 @@ def path_to_str(path: KeyPath) -> str:
     return "/" + "/".join(_key_name(k) for k in path)
 
 
+# SCICO's (Flax's) parameter names, as Equinox names and places them: Flax calls a
+# convolution's or a dense layer's weight "kernel" and a normalisation layer's
+# weight "scale"; Equinox calls both "weight".
+_SCICO_NAMES: dict[str, tuple[str, tuple[type, ...] | None]] = {
+    "kernel": ("weight", (eqx.nn.Conv, eqx.nn.ConvTranspose, eqx.nn.Linear)),
+    "scale": (
+        "weight",
+        (eqx.nn.BatchNorm, eqx.nn.LayerNorm, eqx.nn.GroupNorm, eqx.nn.RMSNorm),
+    ),
+    "bias": ("bias", None),  # any layer's bias, as Flax's "bias"
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class _NameTraversal:
     prmname: str
 
-    def __call__(self, path: KeyPath, leaf: Any) -> bool:
-        return eqx.is_inexact_array(leaf) and self.prmname in path_to_str(path)
+    def __call__(self, path: KeyPath, leaf: Any, owner: type | None = None) -> bool:
+        if not eqx.is_inexact_array(leaf):
+            return False
+        if self.prmname not in _SCICO_NAMES:
+            return self.prmname in path_to_str(path)
+        name, owners = _SCICO_NAMES[self.prmname]
+        if not path or _key_name(path[-1]) != name:
+            return False
+        if owners is None:
+            return True
+        if owner is None:
+            raise TypeError(
+                f"construct_traversal({self.prmname!r}) selects by the layer holding "
+                "a leaf; call it as `traversal(path, leaf, owner=type(layer))`, or "
+                "pass it to a post-processor (clip_positive, clip_range, "
+                "spectral_normalization_conv), which does."
+            )
+        return issubclass(owner, owners)
 
 
 def construct_traversal(prmname: str) -> Traversal:
-    """A traversal that selects the parameters whose path contains `prmname`.
+    """A traversal that selects parameters by SCICO's name or by a path substring.
 
     SCICO's `construct_traversal` (Flax's
-    `ModelParamTraversal(lambda path, _: prmname in path)`) for Equinox
-    PyTrees: a leaf is selected when `prmname` is a substring of its path
-    string (see `path_to_str`: `"/layers/0/weight"`) and it is a floating-point
-    (or complex) array. So `"weight"` selects every weight, `"layers/0/"` every
-    parameter of the first layer, `"/alpha"` the parameters whose name starts
-    with `alpha`, and `""` every floating-point leaf.
+    `ModelParamTraversal(lambda path, _: prmname in path)`) for Equinox PyTrees.
+    SCICO's parameter names select what they select in SCICO's Flax models:
+
+    - `"kernel"`: the `weight` of every convolution and linear layer
+        (`eqx.nn.Conv`, `eqx.nn.ConvTranspose`, `eqx.nn.Linear` and their
+        subclasses, such as the bundled models' convolutions);
+    - `"scale"`: the `weight` of every normalisation layer (`eqx.nn.BatchNorm`,
+        `eqx.nn.LayerNorm`, `eqx.nn.GroupNorm`, `eqx.nn.RMSNorm` and subclasses);
+    - `"bias"`: every leaf named `bias`, of any layer.
+
+    Any other `prmname` selects the leaves whose path string (see `path_to_str`:
+    `"/layers/0/weight"`) contains it: `"weight"` every weight, `"layers/0/"`
+    every parameter of the first layer, `"/alpha"` the parameters whose name
+    starts with `alpha`, `""` every leaf. Only floating-point (or complex) array
+    leaves are ever selected.
 
     **Arguments:**
 
-    - `prmname`: the substring to look for in the parameter paths.
+    - `prmname`: `"kernel"`, `"scale"`, `"bias"`, or a substring of the
+        parameter paths.
 
     **Returns:**
 
-    A predicate `traversal(path, leaf) -> bool`, for the post-processors of
-    this module. (It compares and hashes by `prmname`, so rebuilding it does
-    not retrace a jitted step.)
+    A predicate `traversal(path, leaf, owner=None) -> bool`, for the
+    post-processors of this module, which pass `owner`, the class of the
+    `eqx.Module` holding the leaf (`"kernel"` and `"scale"` need it). It compares
+    and hashes by `prmname`, so rebuilding it does not retrace a jitted step.
     """
     if not isinstance(prmname, str):
         raise TypeError(
@@ -110,6 +158,31 @@ def construct_traversal(prmname: str) -> Traversal:
             f"{prmname!r}."
         )
     return _NameTraversal(prmname)
+
+
+def _selects(traversal: Traversal, path: KeyPath, leaf: Any, owner: Any) -> bool:
+    if isinstance(traversal, _NameTraversal):
+        return traversal(path, leaf, owner)
+    return traversal(path, leaf)
+
+
+def _leaves_with_owners(tree: PyTree) -> list[tuple[KeyPath, Any, type | None]]:
+    """Each leaf of `tree` (in `tree_leaves` order) with its key path and the class
+    of the innermost `eqx.Module` holding it (`None` outside any Module)."""
+    out: list[tuple[KeyPath, Any, type | None]] = []
+
+    def visit(prefix: KeyPath, node: Any, owner: type | None) -> None:
+        def is_submodule(x: Any) -> bool:
+            return x is not node and isinstance(x, eqx.Module)
+
+        for path, child in jtu.tree_flatten_with_path(node, is_leaf=is_submodule)[0]:
+            if is_submodule(child):
+                visit((*prefix, *path), child, type(child))
+            else:
+                out.append(((*prefix, *path), child, owner))
+
+    visit((), tree, type(tree) if isinstance(tree, eqx.Module) else None)
+    return out
 
 
 def _check_traversal(fn: str, traversal: Any) -> None:
@@ -131,9 +204,7 @@ def _check_bound(fn: str, name: str, value: Any) -> float | None:
             or jnp.issubdtype(value.dtype, jnp.integer)
         )
     )
-    if isinstance(value, bool) or not (
-        isinstance(value, numbers.Real) or is_scalar_array
-    ):
+    if not (is_real(value) or is_scalar_array):
         raise TypeError(
             f"{fn}: `{name}` must be a real scalar (a float or a 0-d array), got "
             f"{type(value).__name__}: {value!r}."
@@ -150,8 +221,8 @@ def _check_bound(fn: str, name: str, value: Any) -> float | None:
 def _map_selected(
     fn_name: str, f: Callable[[Array], Array], model: PyTree, traversal: Traversal
 ) -> PyTree:
-    def update(path: KeyPath, leaf: Any) -> Any:
-        if not (eqx.is_inexact_array(leaf) and traversal(path, leaf)):
+    def update(path: KeyPath, leaf: Any, owner: type | None) -> Any:
+        if not (eqx.is_inexact_array(leaf) and _selects(traversal, path, leaf, owner)):
             return leaf
         if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
             raise ValueError(
@@ -161,7 +232,8 @@ def _map_selected(
             )
         return f(leaf).astype(leaf.dtype)
 
-    return jtu.tree_map_with_path(update, model)
+    leaves = [update(*entry) for entry in _leaves_with_owners(model)]
+    return jtu.tree_unflatten(jtu.tree_structure(model), leaves)
 
 
 def clip_positive(
@@ -226,145 +298,7 @@ def clip_range(
     )
 
 
-def _l2_normalize(x: Array, eps: float) -> Array:
-    return x * jax.lax.rsqrt(jnp.sum(jnp.abs(x) ** 2) + eps)
-
-
-def _check_shape(
-    fn: str, name: str, shape: Any, *, min_len: int = 0
-) -> tuple[int, ...]:
-    error = ValueError(
-        f"{fn}: `{name}` must be a tuple of at least {min_len} positive integers, "
-        f"got {shape!r}."
-    )
-    if not isinstance(shape, Sequence) or isinstance(shape, str):
-        raise error
-    dims: list[int] = []
-    for n in shape:
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or int(n) < 1:
-            raise error
-        dims.append(int(n))
-    if len(dims) < min_len:
-        raise error
-    return tuple(dims)
-
-
-def _check_int(fn: str, name: str, value: Any, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{fn}: `{name}` must be an integer, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"{fn}: `{name}` must be >= {minimum}, got {value!r}.")
-    return int(value)
-
-
-def estimate_spectral_norm(
-    f: Callable[[Array], Array],
-    input_shape: Sequence[int],
-    seed: int = 0,
-    n_steps: int = 10,
-    eps: float = 1e-12,
-    *,
-    dtype: Any = None,
-) -> Float[Array, ""]:
-    """Estimate the spectral norm of a linear map by power iteration.
-
-    SCICO's `estimate_spectral_norm`: from a standard normal `u` (drawn with
-    `jax.random.PRNGKey(seed)`), `n_steps` times set `v = f(u) / |f(u)|` and
-    `u = f^T(v) / |f^T(v)|` (the adjoint by `jax.vjp`), then return
-    `<v, f(u)>`. The estimate approaches the largest singular value from below
-    (it never exceeds it, up to rounding); the error shrinks like
-    `(sigma_2 / sigma_1) ** (2 * n_steps)`.
-
-    Traceable: it runs as one `lax.scan`, under `jit` or `pmap`.
-
-    **Arguments:**
-
-    - `f`: a linear map from arrays of shape `input_shape` to arrays.
-    - `input_shape`: the shape of the input of `f`.
-    - `seed`: the seed of the random starting vector (default 0).
-    - `n_steps`: the number of power iterations (default 10).
-    - `eps`: added under the square root when normalising, to avoid dividing
-        by zero (default `1e-12`).
-    - `dtype`: the dtype of the starting vector; default the default float dtype.
-
-    **Returns:**
-
-    The estimated spectral norm, a scalar.
-    """
-    fn = "estimate_spectral_norm"
-    if not callable(f):
-        raise TypeError(f"{fn}: `f` must be a callable linear map, got {f!r}.")
-    input_shape = _check_shape(fn, "input_shape", input_shape)
-    seed = _check_int(fn, "seed", seed, minimum=0)
-    n_steps = _check_int(fn, "n_steps", n_steps, minimum=1)
-
-    u0 = jax.random.normal(jax.random.PRNGKey(seed), input_shape, dtype=dtype)
-    out = jax.eval_shape(f, u0)
-    v0 = jnp.zeros(out.shape, out.dtype)
-
-    def step(carry: tuple[Array, Array], _: None) -> tuple[tuple[Array, Array], None]:
-        u, _v = carry
-        v, f_vjp = jax.vjp(f, u)
-        v = _l2_normalize(v, eps)
-        (u,) = f_vjp(v)
-        u = _l2_normalize(u, eps)
-        return (u, v), None
-
-    (u, v), _ = jax.lax.scan(step, (u0, v0), xs=None, length=n_steps)
-    return jnp.real(jnp.vdot(v, f(u)))
-
-
-def exact_spectral_norm(
-    f: Callable[[Array], Array], input_shape: Sequence[int], *, dtype: Any = None
-) -> Float[Array, ""]:
-    """The exact spectral norm of a linear map, from its dense matrix.
-
-    SCICO's `exact_spectral_norm`: the Jacobian of `f` at zero (`jax.jacfwd`),
-    flattened to an `(output size, input size)` matrix, and its largest
-    singular value. The matrix has `prod(input_shape) * output size` entries:
-    for small inputs only (tests, checks of `estimate_spectral_norm`).
-
-    **Arguments:**
-
-    - `f`: a linear map from arrays of shape `input_shape` to arrays.
-    - `input_shape`: the shape of the input of `f`.
-    - `dtype`: the dtype of the input; default the default float dtype.
-
-    **Returns:**
-
-    The spectral norm, a scalar.
-    """
-    fn = "exact_spectral_norm"
-    if not callable(f):
-        raise TypeError(f"{fn}: `f` must be a callable linear map, got {f!r}.")
-    input_shape = _check_shape(fn, "input_shape", input_shape)
-    x0 = jnp.zeros(input_shape, dtype)
-    jac = jax.jacfwd(f)(x0)
-    matrix = jnp.reshape(jac, (jac.size // x0.size, x0.size))
-    return jnp.linalg.norm(matrix, ord=2)
-
-
 _ConvLike = (eqx.nn.Conv, eqx.nn.ConvTranspose)
-
-
-def _circular_conv(
-    x: Array, weight: Array, dilation: tuple[int, ...], groups: int
-) -> Array:
-    """Stride-1 convolution of `x` (C, *spatial) with circular ("wrap") padding."""
-    pads = [(0, 0)]
-    for k, d in zip(weight.shape[2:], dilation):
-        total = d * (k - 1)
-        pads.append((total // 2, total - total // 2))
-    x = jnp.pad(x, pads, mode="wrap")
-    y = jax.lax.conv_general_dilated(
-        x[None],
-        weight,
-        window_strides=(1,) * (weight.ndim - 2),
-        padding="VALID",
-        rhs_dilation=dilation,
-        feature_group_count=groups,
-    )
-    return y[0]
 
 
 def _normalise_conv_weight(
@@ -392,35 +326,7 @@ def _normalise_conv_weight(
         )
     dilation = tuple(int(d) for d in getattr(conv, "dilation", (1,) * n))
     groups = int(getattr(conv, "groups", 1))
-    return _normalise_weight(weight, spatial, dilation, groups, n_steps, seed)
-
-
-# Jitted so that eager calls with the same shapes reuse one compilation (under an
-# outer jit or pmap it is simply inlined).
-@functools.partial(
-    jax.jit, static_argnames=("spatial", "dilation", "groups", "n_steps", "seed")
-)
-def _normalise_weight(
-    weight: Array,
-    spatial: tuple[int, ...],
-    dilation: tuple[int, ...],
-    groups: int,
-    n_steps: int,
-    seed: int,
-) -> Array:
-    dtype = jnp.promote_types(weight.dtype, jnp.float32)
-    w = weight.astype(dtype)
-
-    def op(x: Array) -> Array:
-        return _circular_conv(x, w, dilation, groups)
-
-    in_channels = weight.shape[1] * groups
-    sigma = estimate_spectral_norm(
-        op, (in_channels, *spatial), seed=seed, n_steps=n_steps, dtype=dtype
-    )
-    # SCICO divides unconditionally (a zero kernel would become NaN); keep it zero.
-    scale = jnp.where(sigma > 0, 1.0 / (1.02 * sigma), 1.0)
-    return (w * scale).astype(weight.dtype)
+    return normalise_conv_weight(weight, spatial, dilation, groups, n_steps, seed)
 
 
 def spectral_normalization_conv(
@@ -455,7 +361,7 @@ def spectral_normalization_conv(
     **Arguments:**
 
     - `model`: the model (or its trainable partition, with `None` leaves).
-    - `traversal`: the selection, e.g. `construct_traversal("weight")`.
+    - `traversal`: the selection, e.g. `construct_traversal("kernel")`.
     - `xshape`: the shape of one channels-last input example, `(H, W, C)`, or
         SCICO's `(1, H, W, C)` (for an n-D convolution: length n + 1 or
         n + 2). Only the spatial sizes are used.
@@ -468,9 +374,9 @@ def spectral_normalization_conv(
     """
     fn = "spectral_normalization_conv"
     _check_traversal(fn, traversal)
-    xshape = _check_shape(fn, "xshape", xshape, min_len=2)
-    n_steps = _check_int(fn, "n_steps", n_steps, minimum=1)
-    seed = _check_int(fn, "seed", seed, minimum=0)
+    xshape = check_shape(fn, "xshape", xshape, min_len=2)
+    n_steps = check_int("n_steps", n_steps, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
 
     def is_conv(x: Any) -> bool:
         return isinstance(x, _ConvLike)
@@ -480,7 +386,10 @@ def spectral_normalization_conv(
             return node
         weight = node.weight
         weight_path = (*path, jtu.GetAttrKey("weight"))
-        if not (eqx.is_inexact_array(weight) and traversal(weight_path, weight)):
+        if not (
+            eqx.is_inexact_array(weight)
+            and _selects(traversal, weight_path, weight, type(node))
+        ):
             return node
         new_weight = _normalise_conv_weight(node, weight_path, xshape, n_steps, seed)
         return eqx.tree_at(lambda c: c.weight, node, new_weight)

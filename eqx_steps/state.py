@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -10,6 +11,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
+import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
@@ -19,6 +21,71 @@ BATCH_AXIS = "batch"
 
 DEVICE_AXIS = "device"
 """Name of the data-parallel device axis of the parallel steps."""
+
+
+# --- Stateful layers inside `shard_map` (and `jax.pmap`, which runs on it) ---------
+#
+# `eqx.nn.State.set` refuses a new value unless `jax.eval_shape` of the old and the
+# new value compare equal. With jax 0.10 the abstract value of anything traced
+# inside `shard_map` carries the manual mesh in its sharding, while a constant made
+# in the step (`jnp.array(False)`, as `eqx.nn.BatchNorm(mode="ema")` writes its
+# "first time" flag) carries none, so `ShapeDtypeStruct.__eq__` says they differ
+# and Equinox raises "Old and new values have different structures/shapes/dtypes.
+# The old value is bool[] and the new value is bool[]". The forward functions below
+# hand the model a `State` whose `set` first gives such a value the old value's
+# type (same shape and dtype, so only the mesh annotation changes, and only when
+# that is the one difference); every other mismatch still raises as in Equinox.
+
+
+def _struct(x: Any) -> jax.ShapeDtypeStruct:
+    # What `eqx.nn.State.set` compares.
+    return jax.eval_shape(lambda: x)
+
+
+def _like_old(old: Any, new: Any) -> Any:
+    """`new`, typed as `old` when they differ only in their sharding annotation."""
+    if not (isinstance(old, jax.Array) and isinstance(new, jax.Array)):
+        return new
+    a, b = _struct(old), _struct(new)
+    if a == b or (a.shape, a.dtype, a.weak_type) != (b.shape, b.dtype, b.weak_type):
+        return new
+    return jnp.where(True, new, old)  # takes `old`'s type; XLA folds it away
+
+
+@jtu.register_pytree_node_class
+class _MeshSafeState(eqx.nn.State):
+    """An `eqx.nn.State` whose `set` accepts values built inside `shard_map`."""
+
+    def set(self, item: eqx.nn.StateIndex, value: Any) -> eqx.nn.State:
+        old = self.get(item)
+        value = jtu.tree_map(jnp.asarray, value)
+        if jtu.tree_structure(old) == jtu.tree_structure(value):
+            value = jtu.tree_map(_like_old, old, value)
+        return _as_state(super().set(item, value), _MeshSafeState)
+
+    def substate(self, pytree: PyTree) -> eqx.nn.State:
+        return _as_state(super().substate(pytree), _MeshSafeState)
+
+    def update(self, substate: eqx.nn.State) -> eqx.nn.State:
+        plain = _as_state(substate, eqx.nn.State)
+        return _as_state(super().update(plain), _MeshSafeState)
+
+
+def _as_state(state: Any, cls: type[eqx.nn.State]) -> Any:
+    """`state` (an `eqx.nn.State` or `None`) as an instance of exactly `cls`."""
+    if state is None or type(state) is cls:
+        return state
+    values, keys = state.tree_flatten()
+    return cls.tree_unflatten(keys, values)
+
+
+def _call(model: PyTree, x: Any, key: Any, state: eqx.nn.State | None) -> Any:
+    """`model(x, state, key=key)`, leaving out `state` and `key` when `None`."""
+    kwargs = {} if key is None else {"key": key}
+    if state is None:
+        return model(x, **kwargs), None
+    y, state = model(x, _as_state(state, _MeshSafeState), **kwargs)
+    return y, _as_state(state, eqx.nn.State)
 
 
 def per_example(
@@ -37,6 +104,13 @@ def per_example(
     `model(x_i, model_state, key=k_i)`, leaving out `model_state` when it is `None`
     and `key` when it is `None`; each example gets its own key, split from `key`.
 
+    Stock Equinox stateful layers work in every backend, `eqx.nn.BatchNorm` in
+    both modes included: with jax 0.10, `eqx.nn.BatchNorm(mode="ema")` fails
+    inside `shard_map` and `jax.pmap` ("Old and new values have different
+    structures/shapes/dtypes"), and the `eqx.nn.State` this function hands the
+    model works around that (a custom `forward` gets the same by calling this
+    function or [`eqx_steps.whole_batch`][]).
+
     **Arguments:**
 
     - `model`: an Equinox model taking one example.
@@ -54,16 +128,9 @@ def per_example(
         model = eqx.nn.inference_mode(model)
     n = jax.tree_util.tree_leaves(x)[0].shape[0]
     keys = None if key is None else jr.split(key, n)
-
-    def call(xi, ki, state):
-        kwargs = {} if ki is None else {"key": ki}
-        if state is None:
-            return model(xi, **kwargs), None
-        return model(xi, state, **kwargs)
-
     key_axis = None if keys is None else 0
     return jax.vmap(
-        call,
+        functools.partial(_call, model),
         in_axes=(0, key_axis, None),
         out_axes=(0, None),
         axis_name=BATCH_AXIS,
@@ -82,7 +149,8 @@ def whole_batch(
 
     For models written for batches (e.g. a model that vmaps itself). The model is
     called as `model(x, model_state, key=key)`, leaving out `model_state` and
-    `key` when they are `None`.
+    `key` when they are `None`; stateful layers work in every backend, as for
+    [`eqx_steps.per_example`][].
 
     **Arguments:** as for [`eqx_steps.per_example`][].
 
@@ -92,10 +160,7 @@ def whole_batch(
     """
     if inference:
         model = eqx.nn.inference_mode(model)
-    kwargs = {} if key is None else {"key": key}
-    if model_state is None:
-        return model(x, **kwargs), None
-    return model(x, model_state, **kwargs)
+    return _call(model, x, key, model_state)
 
 
 class TrainState(eqx.Module):
@@ -224,6 +289,14 @@ class TrainState(eqx.Module):
 _OPTIMIZERS = ("SGD", "ADAM", "ADAMW")
 
 
+class _UnknownOptimizerError(ValueError, NotImplementedError):
+    """`config["opt_type"]` names no known optimizer.
+
+    Both a `ValueError` (a bad value) and a `NotImplementedError` (what SCICO's
+    `create_basic_train_state` raises), so code written for either catches it.
+    """
+
+
 def create_basic_train_state(
     config: Mapping[str, Any],
     model: PyTree,
@@ -250,6 +323,11 @@ def create_basic_train_state(
     **Returns:**
 
     The initial `TrainState`.
+
+    **Raises:**
+
+    An error that is both a `ValueError` and a `NotImplementedError` (as SCICO
+    raises) for an unknown `config["opt_type"]`.
     """
     opt_type = config.get("opt_type", "ADAM")
     if opt_type == "SGD":
@@ -262,7 +340,7 @@ def create_basic_train_state(
     elif opt_type == "ADAMW":
         tx = optax.adamw(learning_rate_fn)
     else:
-        raise ValueError(
+        raise _UnknownOptimizerError(
             f"config['opt_type'] = {opt_type!r} is not a known optimizer; use one of "
             f"{', '.join(map(repr, _OPTIMIZERS))}, or build an optax optimizer and "
             "call `TrainState.create(model, tx)`."

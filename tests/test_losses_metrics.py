@@ -1,15 +1,18 @@
-"""Tests of `mse_loss`, `snr`, `psnr` and `compute_metrics` against SCICO's formulas."""
+"""Tests of the losses and metrics: `mse_loss`, `snr`, `psnr` and `compute_metrics`
+against SCICO's formulas; `cross_entropy_loss` and `classification_metrics` against
+optax and numpy."""
 
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, strategies as st
 
-from eqx_steps.losses import mse_loss
-from eqx_steps.metrics import compute_metrics, psnr, snr
+import eqx_steps as es
+from eqx_steps import compute_metrics, mse_loss, psnr, snr
 
 
 SHAPES = [(7,), (4, 5), (2, 6, 6, 1)]
@@ -150,3 +153,83 @@ def test_shape_mismatch_raises(fn, names):
         ValueError, match=rf"`{names[0]}` has shape \(3,\).*`{names[1]}`"
     ):
         fn(jnp.zeros(3), jnp.zeros((3, 1)))
+
+
+# ---------------------------------------------------------------------------
+# Classification: cross-entropy with integer labels, accuracy.
+
+# (logits shape); the labels have logits.shape[:-1].
+LOGIT_SHAPES = [(1, 2), (5, 3), (8, 10), (2, 3, 4)]
+
+
+def _logits_labels(shape, seed, scale=3.0):
+    rng = np.random.default_rng(seed)
+    logits = (scale * rng.normal(size=shape)).astype(np.float32)
+    labels = rng.integers(0, shape[-1], size=shape[:-1]).astype(np.int32)
+    return logits, labels
+
+
+def _np_cross_entropy(logits, labels):
+    z = np.float64(logits)
+    m = z.max(-1, keepdims=True)
+    log_softmax = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+    picked = np.take_along_axis(log_softmax, labels[..., None], -1)[..., 0]
+    return -picked.mean()
+
+
+_jit_classification = jax.jit(es.classification_metrics)
+
+
+@given(
+    shape=st.sampled_from(LOGIT_SHAPES),
+    seed=st.integers(0, 2**31 - 1),
+    scale=st.sampled_from([0.1, 3.0, 100.0]),
+)
+def test_cross_entropy_matches_numpy_and_optax(shape, seed, scale):
+    logits, labels = _logits_labels(shape, seed, scale)
+    got = es.cross_entropy_loss(logits, labels)
+    assert got.shape == () and np.isfinite(float(got))
+    np.testing.assert_allclose(got, _np_cross_entropy(logits, labels), rtol=1e-5)
+    optax_mean = np.mean(
+        optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    )
+    np.testing.assert_allclose(got, optax_mean, rtol=1e-6)
+
+
+@given(shape=st.sampled_from(LOGIT_SHAPES), seed=st.integers(0, 2**31 - 1))
+def test_classification_metrics_match_numpy(shape, seed):
+    logits, labels = _logits_labels(shape, seed)
+    metrics = _jit_classification(logits, labels)
+    assert set(metrics) == {"loss", "accuracy"}
+    accuracy = float(metrics["accuracy"])
+    assert 0.0 <= accuracy <= 1.0
+    assert accuracy == pytest.approx(np.mean(logits.argmax(-1) == labels), abs=1e-6)
+    np.testing.assert_allclose(
+        metrics["loss"], _np_cross_entropy(logits, labels), rtol=1e-5
+    )
+
+
+def test_accuracy_known_values_and_criterion():
+    labels = jnp.array([0, 2, 1, 1])
+    perfect = 5.0 * jax.nn.one_hot(labels, 3)
+    assert float(es.classification_metrics(perfect, labels)["accuracy"]) == 1.0
+    wrong = 5.0 * jax.nn.one_hot((labels + 1) % 3, 3)
+    assert float(es.classification_metrics(wrong, labels)["accuracy"]) == 0.0
+    half = perfect.at[:2].set(wrong[:2])
+    assert float(es.classification_metrics(half, labels)["accuracy"]) == 0.5
+
+    def zero(o, t):
+        return jnp.zeros(())
+
+    assert float(es.classification_metrics(perfect, labels, zero)["loss"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    "fn", [es.cross_entropy_loss, es.classification_metrics], ids=lambda f: f.__name__
+)
+def test_classification_bad_labels_raise(fn):
+    logits = jnp.zeros((4, 3))
+    with pytest.raises(TypeError, match=r"`labels` must hold integer.*float32"):
+        fn(logits, jnp.zeros(4))
+    with pytest.raises(ValueError, match=r"\(4, 3\).*`labels` has shape \(4, 1\)"):
+        fn(logits, jnp.zeros((4, 1), jnp.int32))

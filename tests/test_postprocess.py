@@ -13,7 +13,8 @@ from helpers import tree_allclose, tree_equal
 from hypothesis import given, strategies as st
 from jaxtyping import Array, Float, Int
 
-from eqx_steps.postprocess import (
+import eqx_steps as es
+from eqx_steps import (
     clip_positive,
     clip_range,
     construct_traversal,
@@ -28,6 +29,7 @@ class _Net(eqx.Module):
     conv: eqx.nn.Conv2d
     conv2: eqx.nn.Conv2d
     linear: eqx.nn.Linear
+    norm: eqx.nn.LayerNorm
     alpha: Float[Array, "2"]
     count: Int[Array, ""]
     extra: dict[str, Array]
@@ -39,6 +41,13 @@ class _Net(eqx.Module):
         self.conv = eqx.nn.Conv2d(2, 3, 3, padding=1, key=k[0])
         self.conv2 = eqx.nn.Conv2d(3, 4, 3, padding=1, key=k[1])
         self.linear = eqx.nn.Linear(4, 2, key=k[2])
+        self.norm = eqx.nn.LayerNorm(3)
+        # random norm parameters, so that clipping has something to do
+        self.norm = eqx.tree_at(
+            lambda n: (n.weight, n.bias),
+            self.norm,
+            tuple(jax.random.normal(k[5], (2, 3))),
+        )
         # scale the weights up so that clipping has something to do
         self.conv = eqx.tree_at(lambda c: c.weight, self.conv, 2 * self.conv.weight)
         self.alpha = jax.random.normal(k[3], (2,))
@@ -50,6 +59,7 @@ class _Net(eqx.Module):
 
 NAMES = [
     "weight",
+    "kernel",
     "bias",
     "alpha",
     "conv",
@@ -62,10 +72,20 @@ NAMES = [
 ]
 
 
+# SCICO's names on _Net: Flax's "kernel" (conv and dense weights), "scale" (norm
+# weights) and "bias"; every other name is a substring of the path.
+_SCICO_SELECTS = {
+    "kernel": {"/conv/weight", "/conv2/weight", "/linear/weight"},
+    "scale": {"/norm/weight"},
+    "bias": {"/conv/bias", "/conv2/bias", "/linear/bias", "/norm/bias"},
+}
+
+
 def _selected(prmname, path, leaf):
-    return eqx.is_inexact_array(leaf) and prmname in "/" + jtu.keystr(
-        path, simple=True, separator="/"
-    )
+    name = "/" + jtu.keystr(path, simple=True, separator="/")
+    if prmname in _SCICO_SELECTS:
+        return name in _SCICO_SELECTS[prmname]
+    return eqx.is_inexact_array(leaf) and prmname in name
 
 
 def _check_clipped(model, out, prmname, lo, hi):
@@ -110,6 +130,8 @@ def test_construct_traversal_paths():
         "/conv2/bias",
         "/linear/weight",
         "/linear/bias",
+        "/norm/weight",
+        "/norm/bias",
         "/alpha",
         "/extra/scale",
     }
@@ -122,6 +144,122 @@ def test_construct_traversal_paths():
     # equal and hashable by name: rebuilding a traversal does not retrace
     assert construct_traversal("weight") == construct_traversal("weight")
     assert hash(construct_traversal("weight")) == hash(construct_traversal("weight"))
+
+
+# --- SCICO's parameter names on stock layers and the bundled models ----------
+
+
+def _touched(model, prmname):
+    """The leaves `clip_positive(model, construct_traversal(prmname))` changes, by
+    identity (a huge lower bound changes every leaf it touches)."""
+    out = clip_positive(model, construct_traversal(prmname), minval=1e6)
+    return {
+        id(a)
+        for a, b in zip(jtu.tree_leaves(model), jtu.tree_leaves(out))
+        if b is not a
+    }
+
+
+def _fields(model, kinds, name):
+    """The ids of the `name` leaves of the layers of type `kinds` in `model`."""
+    layers = jtu.tree_leaves(model, is_leaf=lambda x: isinstance(x, kinds))
+    return {
+        id(getattr(m, name))
+        for m in layers
+        if isinstance(m, kinds) and getattr(m, name, None) is not None
+    }
+
+
+_CONVS = (eqx.nn.Conv, eqx.nn.ConvTranspose)
+_KERNELS = (*_CONVS, eqx.nn.Linear)
+_NORMS = (eqx.nn.BatchNorm, eqx.nn.LayerNorm, eqx.nn.GroupNorm)
+_BIASED = (*_KERNELS, *_NORMS)
+
+
+class _StockNet(eqx.Module):
+    conv: eqx.nn.Conv2d
+    convt: eqx.nn.ConvTranspose2d
+    bn: eqx.nn.BatchNorm
+    ln: eqx.nn.LayerNorm
+    gn: eqx.nn.GroupNorm
+    mlp: eqx.nn.MLP
+    emb: eqx.nn.Embedding
+    alpha: Array
+
+    def __init__(self, key):
+        k = jax.random.split(key, 4)
+        self.conv = eqx.nn.Conv2d(2, 4, 3, key=k[0])
+        self.convt = eqx.nn.ConvTranspose2d(4, 2, 3, key=k[1])
+        self.bn = eqx.nn.BatchNorm(4, "batch", mode="batch")
+        self.ln = eqx.nn.LayerNorm(4)
+        self.gn = eqx.nn.GroupNorm(2, 4)
+        self.mlp = eqx.nn.MLP(4, 2, 3, 1, key=k[2])
+        self.emb = eqx.nn.Embedding(5, 2, key=k[3])
+        self.alpha = jnp.ones(2)
+
+
+def test_scico_names_on_stock_equinox_layers():
+    model, _ = eqx.nn.make_with_state(_StockNet)(jax.random.key(0))
+    kernels = _fields(model, _KERNELS, "weight")
+    scales = _fields(model, _NORMS, "weight")
+    biases = _fields(model, _BIASED, "bias")
+    assert len(kernels) == 4 and len(scales) == 3 and len(biases) == 7
+    assert _touched(model, "kernel") == kernels  # not the norms' nor the embedding's
+    assert _touched(model, "scale") == scales
+    assert _touched(model, "bias") == biases
+    # other names: a path substring, as before
+    everything = kernels | scales | {id(model.emb.weight)}
+    assert _touched(model, "weight") == everything
+    assert _touched(model, "mlp/") == _fields(
+        model.mlp, eqx.nn.Linear, "weight"
+    ) | _fields(model.mlp, eqx.nn.Linear, "bias")
+    # spectral normalisation with SCICO's "kernel" touches the convolutions only
+    out = spectral_normalization_conv(model, construct_traversal("kernel"), (8, 8, 2))
+    changed = {
+        id(a)
+        for a, b in zip(jtu.tree_leaves(model), jtu.tree_leaves(out))
+        if b is not a
+    }
+    assert changed == _fields(model, _CONVS, "weight")
+
+
+def test_scico_traversal_called_directly_needs_the_layer():
+    kernel = construct_traversal("kernel")
+    path = (jtu.GetAttrKey("conv"), jtu.GetAttrKey("weight"))
+    w = jnp.ones((2, 2, 3, 3))
+    assert kernel(path, w, owner=eqx.nn.Conv2d)
+    assert not kernel(path, w, owner=eqx.nn.LayerNorm)
+    assert construct_traversal("scale")(path, w, owner=eqx.nn.GroupNorm)
+    with pytest.raises(TypeError, match=r"construct_traversal\('kernel'\).*owner="):
+        kernel(path, w)
+    assert construct_traversal("bias")((jtu.GetAttrKey("bias"),), jnp.ones(2))
+
+
+def _small(cls, **kwargs):
+    return eqx.nn.make_with_state(cls)(**kwargs, key=jax.random.key(0))[0]
+
+
+@pytest.mark.parametrize(
+    "model, n_convs",
+    [
+        (_small(es.models.DnCNN, depth=4, channels=1, num_filters=4), 4),
+        (_small(es.models.ConvBNNet, depth=2, channels=1, num_filters=4), None),
+        (_small(es.models.ResNet, depth=3, channels=1, num_filters=4), None),
+        (_small(es.models.UNet, depth=2, channels=1, num_filters=4), None),
+    ],
+    ids=["dncnn", "convbnnet", "resnet", "unet"],
+)
+def test_scico_names_on_the_bundled_models(model, n_convs):
+    # SCICO's models have convolutions ("kernel"), BatchNorms ("scale", "bias")
+    # and, where SCICO gives them one, convolution biases.
+    kernels = _fields(model, _CONVS, "weight")
+    scales = _fields(model, eqx.nn.BatchNorm, "weight")
+    assert kernels and scales
+    assert n_convs is None or len(kernels) == n_convs  # DnCNN: `depth` convolutions
+    assert _touched(model, "kernel") == kernels
+    assert _touched(model, "scale") == scales
+    assert _touched(model, "bias") == _fields(model, _BIASED, "bias")
+    assert not _touched(model, "kernel") & _touched(model, "scale")
 
 
 @given(
@@ -256,7 +394,7 @@ def test_spectral_normalization_brings_norms_to_1_over_1_02():
 
     # biases, the Linear weight (not a convolution) and everything else unchanged
     def unchanged(m):
-        return (m.conv.bias, m.conv2.bias, m.linear, m.alpha, m.count, m.extra)
+        return (m.conv.bias, m.conv2.bias, m.linear, m.norm, m.alpha, m.count, m.extra)
 
     assert tree_equal(unchanged(out), unchanged(net))
     assert out.act is net.act and out.size == net.size
@@ -426,9 +564,7 @@ def test_bad_arguments_raise_naming_the_argument():
         ValueError, match=r"spectral_normalization_conv: `xshape`.*\(8, -1, 2\)"
     ):
         spectral_normalization_conv(net, _TRAV_W, (8, -1, 2))
-    with pytest.raises(
-        ValueError, match=r"spectral_normalization_conv: `n_steps` must be >= 1"
-    ):
+    with pytest.raises(ValueError, match=r"`n_steps` must be (an int )?>= 1, got 0"):
         spectral_normalization_conv(net, _TRAV_W, _XSHAPE, n_steps=0)
     with pytest.raises(TypeError, match="spectral_normalization_conv: `traversal`"):
         spectral_normalization_conv(net, None, _XSHAPE)  # pyright: ignore[reportArgumentType]

@@ -81,8 +81,10 @@ def test_create_basic_train_state_defaults_to_adam_and_plain_sgd():
 
 
 def test_unknown_opt_type_is_refused():
-    with pytest.raises(ValueError, match="opt_type.*'RMSPROP'.*SGD"):
+    with pytest.raises(ValueError, match="opt_type.*'RMSPROP'.*SGD") as info:
         es.create_basic_train_state({"opt_type": "RMSPROP"}, mlp(), 0.01)
+    # SCICO raises NotImplementedError: code catching either keeps working.
+    assert isinstance(info.value, NotImplementedError)
 
 
 def test_bad_tx_and_key_are_refused():

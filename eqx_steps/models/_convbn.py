@@ -6,10 +6,10 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._validate import check_int
 from ._blocks import ConvBNBlock
 from ._layers import (
     _check_example,
-    _check_positive_int,
     _pair,
     ChannelsLastBatchNorm,
     ChannelsLastConv2d,
@@ -30,9 +30,9 @@ def _build(
 ) -> tuple[tuple[ConvBNBlock, ...], ChannelsLastConv2d, ChannelsLastBatchNorm]:
     """The layers shared by ConvBNNet and ResNet: `depth - 1` conv-BN-act blocks,
     then a convolution back to `channels` channels and a batch norm."""
-    depth = _check_positive_int(depth, "depth")
-    channels = _check_positive_int(channels, "channels")
-    num_filters = _check_positive_int(num_filters, "num_filters")
+    depth = check_int("depth", depth)
+    channels = check_int("channels", channels)
+    num_filters = check_int("num_filters", num_filters)
     kernel_size = _pair(kernel_size, "kernel_size")
     strides = _pair(strides, "strides")
     keys = jax.random.split(key, depth)

@@ -6,10 +6,10 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._validate import check_int
 from ._blocks import ConvBNBlock
 from ._layers import (
     _check_example,
-    _check_positive_int,
     _pair,
     ChannelsLastConv2d,
     he_normal,
@@ -77,9 +77,9 @@ class DnCNN(eqx.Module):
             `"batch"` (per device) or `("device", "batch")` (across devices).
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only.)
         """
-        depth = _check_positive_int(depth, "depth", minimum=2)
-        channels = _check_positive_int(channels, "channels")
-        num_filters = _check_positive_int(num_filters, "num_filters")
+        depth = check_int("depth", depth, minimum=2)
+        channels = check_int("channels", channels)
+        num_filters = check_int("num_filters", num_filters)
         kernel_size = _pair(kernel_size, "kernel_size")
         strides = _pair(strides, "strides")
         keys = jax.random.split(key, depth)

@@ -8,7 +8,6 @@ convolution and no transposes are needed between layers.
 """
 
 import functools
-import numbers
 from collections.abc import Callable, Hashable, Sequence
 from typing import Literal
 
@@ -17,6 +16,8 @@ import jax
 import jax.lax as lax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
+
+from .._validate import check_int, is_int
 
 
 Initializer = Callable[..., Array]
@@ -53,31 +54,17 @@ def _jit_init(init: Initializer) -> Initializer:
 _NP_PAD_MODES = {"CIRCULAR": "wrap", "REFLECT": "reflect", "REPLICATE": "edge"}
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     """Normalise an int or a pair of ints to a pair of positive ints."""
-    if _is_int(value):
+    if is_int(value):
         pair = (int(value), int(value))  # pyright: ignore[reportArgumentType]
-    elif (
-        isinstance(value, Sequence)
-        and len(value) == 2
-        and all(_is_int(v) for v in value)
-    ):
+    elif isinstance(value, Sequence) and len(value) == 2 and all(map(is_int, value)):
         pair = (int(value[0]), int(value[1]))
     else:
-        raise ValueError(f"`{name}` must be an int or a pair of ints, got {value!r}.")
+        raise TypeError(f"`{name}` must be an int or a pair of ints, got {value!r}.")
     if min(pair) < 1:
         raise ValueError(f"`{name}` must be positive, got {value!r}.")
     return pair
-
-
-def _check_positive_int(value: int, name: str, minimum: int = 1) -> int:
-    if not _is_int(value) or value < minimum:
-        raise ValueError(f"`{name}` must be an int >= {minimum}, got {value!r}.")
-    return int(value)
 
 
 class ChannelsLastConv2d(eqx.nn.Conv):
@@ -129,8 +116,8 @@ class ChannelsLastConv2d(eqx.nn.Conv):
             `float64` with 64-bit JAX).
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only.)
         """
-        in_channels = _check_positive_int(in_channels, "in_channels")
-        out_channels = _check_positive_int(out_channels, "out_channels")
+        in_channels = check_int("in_channels", in_channels)
+        out_channels = check_int("out_channels", out_channels)
         kernel = _pair(kernel_size, "kernel_size")
         strides = _pair(stride, "stride")
         mode = str(padding_mode).upper()
@@ -210,8 +197,8 @@ class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
     `axis_name`.
 
     The defaults are SCICO's (`momentum=0.99`, `eps=1e-5`) and `mode="batch"`,
-    which normalises by the batch statistics in training as Flax does and which
-    works under `eqx.filter_pmap` (`mode="ema"` does not).
+    which normalises by the batch statistics in training as Flax does (both modes
+    work in every backend of the parallel steps).
 
     With `fast_variance=True` (the default, as Flax's `use_fast_variance`) the
     batch variance is computed in one pass as `E[x**2] - E[x]**2` (clipped at

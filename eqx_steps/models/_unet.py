@@ -9,10 +9,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from .._validate import check_int
 from ._blocks import ConvBNMultiBlock, ConvBNPoolBlock, ConvBNUpsampleBlock
 from ._layers import (
     _check_example,
-    _check_positive_int,
     _pair,
     ChannelsLastConv2d,
     he_normal,
@@ -91,11 +91,11 @@ class UNet(eqx.Module):
             `"batch"` (per device) or `("device", "batch")` (across devices).
         - `key`: a `jax.random.PRNGKey` for the initialisation. (Keyword only.)
         """
-        depth = _check_positive_int(depth, "depth")
-        channels = _check_positive_int(channels, "channels")
-        num_filters = _check_positive_int(num_filters, "num_filters")
-        block_depth = _check_positive_int(block_depth, "block_depth")
-        upsampling = _check_positive_int(upsampling, "upsampling")
+        depth = check_int("depth", depth)
+        channels = check_int("channels", channels)
+        num_filters = check_int("num_filters", num_filters)
+        block_depth = check_int("block_depth", block_depth)
+        upsampling = check_int("upsampling", upsampling)
         window = _pair(window_shape, "window_shape")
         strides = _pair(strides, "strides")
         if depth > 1 and window != (upsampling, upsampling):
