@@ -58,7 +58,10 @@ def add_parser(commands: Any, formatter: Any) -> None:
         "takes the noise level), or the path of a SCICO .mpk weights file",
     )
     model.add_argument(
-        "--run", metavar="RUN_DIR", help="a run folder of `eqx-steps train`"
+        "--run",
+        dest="run_dir",
+        metavar="RUN_DIR",
+        help="a run folder of `eqx-steps train`: its latest checkpoint",
     )
     parser.add_argument(
         "--noise",
@@ -255,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
     from ..images import read_image, write_image
 
     with reported():
+        if not os.path.exists(args.image):
+            raise FileNotFoundError(
+                f"IMAGE {args.image!r} does not exist; give a PNG, JPEG or TIFF file"
+            )
         original = read_image(args.image)
     from ..platform import backends_started, configure_xla_flags
 
@@ -263,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     from ..denoise import add_noise, denoise_image
 
     model, model_state, name = (
-        _pretrained(args.variant) if args.variant else _trained(args.run)
+        _pretrained(args.variant) if args.variant else _trained(args.run_dir)
     )
     sigma = _noise_level(model, args, name)
     print(_describe(args.image, original, name, model, tile), flush=True)
