@@ -8,6 +8,8 @@ from .apply import only_apply as only_apply, only_evaluate as only_evaluate
 from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
     checkpoint_save as checkpoint_save,
+    latest_step as latest_step,
+    load_config as load_config,
     load_model as load_model,
     save_model as save_model,
 )
