@@ -33,6 +33,7 @@ from .postprocess import (
     spectral_normalization_conv as spectral_normalization_conv,
 )
 from .schedules import (
+    as_schedule as as_schedule,
     create_cnst_lr_schedule as create_cnst_lr_schedule,
     create_cosine_lr_schedule as create_cosine_lr_schedule,
     create_exp_lr_schedule as create_exp_lr_schedule,
