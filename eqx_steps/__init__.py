@@ -4,6 +4,9 @@ This file is the one list of the public API.
 """
 
 from . import distributed as distributed, models as models
+from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
+from ._history import History as History, parameter_overview as parameter_overview
+from ._hooks import StepInfo as StepInfo
 from .apply import only_apply as only_apply, only_evaluate as only_evaluate
 from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
@@ -51,14 +54,7 @@ from .steps import (
     train_step as train_step,
     train_step_post as train_step_post,
 )
-from .trainer import (
-    BasicTrainer as BasicTrainer,
-    ConfigDict as ConfigDict,
-    evaluate_dataset as evaluate_dataset,
-    History as History,
-    parameter_overview as parameter_overview,
-    TrainConfig as TrainConfig,
-)
+from .trainer import BasicTrainer as BasicTrainer, evaluate_dataset as evaluate_dataset
 
 
 __version__ = "0.1.0"
