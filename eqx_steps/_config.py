@@ -63,6 +63,10 @@ class _Minimum:
     value: float
 
 
+class _ItemError(TypeError):
+    """A wrong item in a container of the right type (not another alternative)."""
+
+
 _PositiveInt = Annotated[int, _Minimum(1)]
 _NonNegativeInt = Annotated[int, _Minimum(0)]
 _NonNegativeFloat = Annotated[float, _Minimum(0)]
@@ -205,6 +209,8 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
         for alternative in (a for a in args if a is not type(None)):
             try:
                 return _convert(name, alternative, value)
+            except _ItemError:
+                raise
             except TypeError:
                 continue
         raise TypeError(
@@ -219,7 +225,12 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
     if hint is float:
         return check_number(name, value)
     if origin is tuple and isinstance(value, (list, tuple)):
-        return tuple(_convert(f"{name}[{i}]", args[0], v) for i, v in enumerate(value))
+        try:
+            return tuple(
+                _convert(f"{name}[{i}]", args[0], v) for i, v in enumerate(value)
+            )
+        except TypeError as e:
+            raise _ItemError(str(e)) from None
     if hint is Callable or origin is Callable:
         if callable(value):
             return value

@@ -24,7 +24,8 @@ from ._io import atomic_write
 _SCICO_FIELDS = {"epoch": "Epoch", "time": "Time", "train_learning_rate": "Train_LR"}
 _ACRONYMS = {"snr": "SNR", "psnr": "PSNR", "lr": "LR", "mse": "MSE", "mae": "MAE"}
 _SPLITS = ("train_", "eval_")
-_NOT_METRICS = ("learning_rate",)  # a setting of the run, not a measure of the model
+# A setting of the run and the non-finite policy's count: not measures of the model.
+_NOT_METRICS = ("learning_rate", "nonfinite")
 _TITLES = {
     "loss": "loss",
     "snr": "signal-to-noise ratio (dB)",
@@ -44,7 +45,8 @@ def format_record(record: Mapping[str, Any]) -> str:
     values = ", ".join(
         f"{k} {v:.4g}"
         for k, v in record.items()
-        if k not in ("step", "epoch", "time") and isinstance(v, (int, float))
+        if k not in ("step", "epoch", "time", "train_nonfinite")
+        or (k == "train_nonfinite" and v)
     )
     head = f"step {record.get('step')} (epoch {record.get('epoch')})"
     return f"{head}: {values}, {record.get('time', math.nan):.1f} s"
@@ -79,9 +81,11 @@ class History:
     @property
     def metrics(self) -> list[str]:
         """The names of the metrics recorded (`"loss"`, `"snr"`, `"accuracy"`...),
-        without their `train_`/`eval_` prefix, in the order first seen; the
-        learning rate is a setting, not among them."""
+        without their `train_`/`eval_` prefix: `"loss"` first, then in the order
+        first seen. The learning rate (a setting) and the count of non-finite
+        steps of `nan_policy` are not among them."""
         names = [k.split("_", 1)[1] for k in self.keys() if k.startswith(_SPLITS)]
+        names = ["loss", *names] if "loss" in names else names
         return [m for m in dict.fromkeys(names) if m not in _NOT_METRICS]
 
     def history(self, transpose: bool = False) -> Any:
