@@ -87,8 +87,9 @@ class TrainConfig:
     The last three fields go beyond SCICO: `backend` and `steps_per_call` of
     [`eqx_steps.parallel_train_step`][], and its `nan_policy`.
 
-    The annotations are the validation: [`eqx_steps.TrainConfig.from_dict`][]
-    accepts for each key what its annotation says (an `int` field takes no
+    The annotations are the validation: a `TrainConfig` (however made: directly,
+    by [`eqx_steps.TrainConfig.from_dict`][] or `dataclasses.replace`) accepts
+    for each field what its annotation says (an `int` field takes no
     `bool`, a `float` field takes an `int`, a `Literal` lists the choices, a
     lower bound is an `Annotated` marker).
     """
@@ -148,21 +149,23 @@ class TrainConfig:
                 "`config` must be a dict or a TrainConfig, got "
                 f"{type(config).__name__}."
             )
-        hints = _field_types(cls)
-        values = {}
-        for key, value in config.items():
-            if key == "steps_per_epoch":  # SCICO writes this derived value back
-                continue
-            if key not in hints:
-                close = difflib.get_close_matches(str(key), list(hints), n=1)
+        names = _field_types(cls)
+        for key in config:
+            if key not in names and key != "steps_per_epoch":
+                close = difflib.get_close_matches(str(key), list(names), n=1)
                 hint = (
                     f"did you mean {close[0]!r}?"
                     if close
-                    else "valid keys are " + ", ".join(hints)
+                    else "valid keys are " + ", ".join(names)
                 )
                 raise ValueError(f"unknown config key {key!r}: {hint}")
-            values[key] = _convert(f"config[{key!r}]", hints[key], value)
-        return cls(**values)
+        # SCICO writes the derived `steps_per_epoch` back into its config.
+        return cls(**{k: v for k, v in config.items() if k != "steps_per_epoch"})
+
+    def __post_init__(self):
+        for name, hint in _field_types(type(self)).items():
+            value = _convert(f"config[{name!r}]", hint, getattr(self, name))
+            object.__setattr__(self, name, value)  # frozen: set once, here
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a plain dict (callables included)."""

@@ -580,3 +580,13 @@ def test_bad_values_are_named_from_the_annotations(key, value, error, words):
     with pytest.raises(error, match=f"config\\['{key}'\\]") as info:
         es.TrainConfig.from_dict({key: value})
     assert re.search(words, str(info.value)), str(info.value)
+
+
+def test_every_way_of_making_a_config_is_validated():
+    with pytest.raises(ValueError, match=r"config\['batch_size'\] must be >= 1"):
+        es.TrainConfig(batch_size=0)
+    with pytest.raises(TypeError, match=r"config\['log'\]"):
+        dataclasses.replace(es.TrainConfig(), log="yes")  # pyright: ignore
+    assert es.TrainConfig(workdir=pathlib.Path("x")).workdir == "x"
+    # SCICO's trainer writes steps_per_epoch back into its config dict.
+    assert es.TrainConfig.from_dict({"steps_per_epoch": 3}) == es.TrainConfig()
