@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -97,6 +98,20 @@ def _means(metrics: list[Mapping[str, Any]]) -> dict[str, float]:
         k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in metrics])))
         for k in metrics[0]
     }
+
+
+def progress_bar(initial: int, total: int) -> Any:
+    """The trainer's progress bar (a `tqdm`, on stdout), a context manager."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="train",
+        unit="step",
+        file=sys.stdout,
+        dynamic_ncols=True,
+    )
 
 
 def progress(bar: Any, history: History) -> Callable[[StepInfo], None]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -29,7 +28,14 @@ from ._history import (
     History as History,
     parameter_overview as parameter_overview,
 )
-from ._hooks import Hook, metrics_file, progress, Recorder, StepInfo as StepInfo
+from ._hooks import (
+    Hook,
+    metrics_file,
+    progress,
+    progress_bar,
+    Recorder,
+    StepInfo as StepInfo,
+)
 from ._validate import check_dataset, check_divisible, check_int
 from .checkpoint import checkpoint_restore, checkpoint_save
 from .data import create_input_iter, DeviceIter
@@ -116,6 +122,33 @@ def _initial_state(
     if cfg.checkpointing:
         state = checkpoint_restore(state, os.path.abspath(cfg.workdir), ok_no_ckpt=True)
     return state
+
+
+def _train_fns(
+    cfg: TrainConfig, schedule: optax.Schedule | None
+) -> dict[int, Callable]:
+    """The parallel training steps by steps per call: 1 and `cfg.steps_per_call`."""
+    return {
+        k: parallel_train_step(
+            schedule,
+            cfg.criterion,
+            cfg.metrics_fn,
+            post_lst=cfg.post_lst,
+            train_step_fn=cfg.train_step_fn,
+            backend=cfg.backend,
+            donate=True,  # the trainer owns its states
+            steps_per_call=k,
+            nan_policy=cfg.nan_policy,
+        )
+        for k in {1, cfg.steps_per_call}
+    }
+
+
+def _call_size(step: int, k: int, end: int, periods: list[int]) -> int:
+    """`k` steps, or 1 when fewer than `k` remain before `end` or the next
+    multiple of one of the `periods`."""
+    stop = min([end] + [(step // p + 1) * p for p in periods])
+    return k if stop - step >= k else 1
 
 
 def _reads_injected_rate(opt_state: optax.OptState) -> bool:
@@ -232,20 +265,7 @@ class BasicTrainer:
         if int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         injected = tx is not None and _reads_injected_rate(self.state.opt_state)
-        self._train_fns = {
-            k: parallel_train_step(
-                None if injected else self.lr_schedule,
-                cfg.criterion,
-                cfg.metrics_fn,
-                post_lst=cfg.post_lst,
-                train_step_fn=cfg.train_step_fn,
-                backend=cfg.backend,
-                donate=True,  # the trainer owns its states
-                steps_per_call=k,
-                nan_policy=cfg.nan_policy,
-            )
-            for k in {1, cfg.steps_per_call}
-        }
+        self._train_fns = _train_fns(cfg, None if injected else self.lr_schedule)
         self.eval_fn = parallel_eval_step(
             cfg.criterion,
             cfg.metrics_fn,
@@ -332,34 +352,13 @@ class BasicTrainer:
 
             hooks.append(Hook(save, self.steps_per_checkpoint))
         if cfg.log and self.is_main:
-            from tqdm.auto import tqdm
-
             path = os.path.join(self.workdir, METRICS_FILE)
             hooks.append(
                 Hook(metrics_file(path, start, self.history), self.log_every_steps)
             )
-            bar = tqdm(
-                total=self.num_steps,
-                initial=start,
-                desc="train",
-                unit="step",
-                file=sys.stdout,
-                dynamic_ncols=True,
-            )
-            hooks.append(Hook(progress(stack.enter_context(bar), self.history), 1))
+            bar = stack.enter_context(progress_bar(start, self.num_steps))
+            hooks.append(Hook(progress(bar, self.history), 1))
         return hooks
-
-    def _call_size(self, step: int) -> int:
-        """`steps_per_call`, or 1 when fewer steps remain before the next log
-        point, checkpoint or the end."""
-        stop = self.num_steps
-        points = [self.log_every_steps]
-        if self.config.checkpointing:
-            points.append(self.steps_per_checkpoint)
-        for every in points:
-            stop = min(stop, (step // every + 1) * every)
-        k = self.config.steps_per_call
-        return k if stop - step >= k else 1
 
     def train(self) -> tuple[Any, History]:
         """Run the training loop.
@@ -395,11 +394,15 @@ class BasicTrainer:
         if step >= self.num_steps:
             self.log(f"Nothing to do: the state is at step {step} of {self.num_steps}.")
             return self._result(state)
+        cfg = self.config
+        periods = [self.log_every_steps]  # calls end exactly at these points
+        if cfg.checkpointing:
+            periods.append(self.steps_per_checkpoint)
         iters = {1: self.train_dt_iter}
         with contextlib.ExitStack() as stack:
             hooks = self._builtin_hooks(step, stack) + self._hooks
             while step < self.num_steps:
-                k = self._call_size(step)
+                k = _call_size(step, cfg.steps_per_call, self.num_steps, periods)
                 if k not in iters or iters[k].step != step:
                     iters[k] = self._train_iter(step, k)
                 state, metrics = self._train_fns[k](state, next(iters[k]))
