@@ -63,6 +63,11 @@ class _Minimum:
     value: float
 
 
+class _AcceptsPath:
+    """An `Annotated` marker: a `str` field that also takes an `os.PathLike`,
+    stored as `os.fspath(value)`."""
+
+
 class _ItemError(TypeError):
     """A wrong item in a container of the right type (not another alternative)."""
 
@@ -70,6 +75,7 @@ class _ItemError(TypeError):
 _PositiveInt = Annotated[int, _Minimum(1)]
 _NonNegativeInt = Annotated[int, _Minimum(0)]
 _NonNegativeFloat = Annotated[float, _Minimum(0)]
+_Path = Annotated[str, _AcceptsPath()]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +112,7 @@ class TrainConfig:
     log_every_steps: _PositiveInt | None = None
     steps_per_checkpoint: _PositiveInt | None = None
     log: bool = False
-    workdir: str | os.PathLike[str] = "./"
+    workdir: _Path = "./"
     checkpointing: bool = False
     return_state: bool = True
     lr_schedule: Callable[[Mapping[str, Any]], optax.ScalarOrSchedule] = (
@@ -184,7 +190,9 @@ def _describe(hint: Any) -> str:
     if hint is type(None):
         return "None"
     if origin is Annotated:
-        return _describe(typing.get_args(hint)[0])
+        base, *marks = typing.get_args(hint)
+        path = any(isinstance(m, _AcceptsPath) for m in marks)
+        return _describe(base) + (" or os.PathLike" if path else "")
     if origin in (Union, types.UnionType):
         return " or ".join(_describe(a) for a in typing.get_args(hint))
     if origin is Literal:
@@ -201,11 +209,19 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
     `TrainConfig.from_dict`); `name` is how the message names it."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is Annotated:
-        (base, *marks) = args
+        base, *marks = args
+        if isinstance(value, os.PathLike) and any(
+            isinstance(m, _AcceptsPath) for m in marks
+        ):
+            value = os.fspath(value)
         minimum = next((m.value for m in marks if isinstance(m, _Minimum)), None)
         if base is int:
             return check_int(name, value, minimum=int(minimum or 0))
-        return check_number(name, value, minimum=minimum)
+        if base is float:
+            return check_number(name, value, minimum=minimum)
+        if not isinstance(value, base):
+            raise _wrong_type(name, hint, value)
+        return value
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -216,9 +232,7 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
                 raise
             except TypeError:
                 continue
-        raise TypeError(
-            f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
-        )
+        raise _wrong_type(name, hint, value)
     if origin is Literal:
         return check_choice(name, value, args)
     if hint is bool:
@@ -238,7 +252,11 @@ def _convert(name: str, hint: Any, value: Any) -> Any:
         if callable(value):
             return value
     elif isinstance(value, hint if origin is None else origin):
-        return os.fspath(value) if isinstance(value, os.PathLike) else value
-    raise TypeError(
+        return value
+    raise _wrong_type(name, hint, value)
+
+
+def _wrong_type(name: str, hint: Any, value: Any) -> TypeError:
+    return TypeError(
         f"{name} must be {_describe(hint)}, got {value!r} ({type(value).__name__})."
     )

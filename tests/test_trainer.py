@@ -569,7 +569,7 @@ def test_valid_configs_round_trip(config):
         ("momentum", float("nan"), ValueError, "finite"),
         ("seed", True, TypeError, "int"),
         ("momentum", "0.9", TypeError, "float or None"),
-        ("workdir", 3, TypeError, "str or PathLike"),
+        ("workdir", 3, TypeError, "str or os.PathLike"),
         ("backend", "pjit", ValueError, "'pmap', 'sharded'"),
         ("nan_policy", "skipp", ValueError, "did you mean 'skip'"),
         ("post_lst", [abs, 3], TypeError, r"config\['post_lst'\]\[1\]"),
@@ -583,7 +583,7 @@ def test_bad_values_are_named_from_the_annotations(key, value, error, words):
 
 
 def test_every_way_of_making_a_config_is_validated():
-    with pytest.raises(ValueError, match=r"config\['batch_size'\] must be >= 1"):
+    with pytest.raises(ValueError, match=r"config\['batch_size'\] must be .*>= 1"):
         es.TrainConfig(batch_size=0)
     with pytest.raises(TypeError, match=r"config\['log'\]"):
         dataclasses.replace(es.TrainConfig(), log="yes")  # pyright: ignore
