@@ -11,10 +11,15 @@ from . import (
     platform as platform,
     synthetic as synthetic,
 )
+from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
+from ._history import History as History, parameter_overview as parameter_overview
+from ._hooks import StepInfo as StepInfo
 from .apply import only_apply as only_apply, only_evaluate as only_evaluate
 from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
     checkpoint_save as checkpoint_save,
+    latest_step as latest_step,
+    load_config as load_config,
     load_model as load_model,
     save_model as save_model,
 )
@@ -45,6 +50,7 @@ from .postprocess import (
     spectral_normalization_conv as spectral_normalization_conv,
 )
 from .schedules import (
+    as_schedule as as_schedule,
     create_cnst_lr_schedule as create_cnst_lr_schedule,
     create_cosine_lr_schedule as create_cosine_lr_schedule,
     create_exp_lr_schedule as create_exp_lr_schedule,
@@ -62,13 +68,7 @@ from .steps import (
     train_step as train_step,
     train_step_post as train_step_post,
 )
-from .trainer import (
-    BasicTrainer as BasicTrainer,
-    ConfigDict as ConfigDict,
-    History as History,
-    parameter_overview as parameter_overview,
-    TrainConfig as TrainConfig,
-)
+from .trainer import BasicTrainer as BasicTrainer
 
 
 __version__ = "0.1.0"

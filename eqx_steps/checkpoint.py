@@ -3,10 +3,13 @@
 `checkpoint_save`/`checkpoint_restore` are SCICO's checkpoint functions for an
 Equinox `TrainState`: an orbax `CheckpointManager` in a work directory keeps the
 last few steps, each in its own step directory that appears only once complete
-(orbax writes to a temporary directory and renames it), plus the run's
-configuration as `config.json`. Only arrays and JSON are stored: the static parts
-of the state (the optimizer, `forward`, the model's structure) come from the
-`state` given to `checkpoint_restore`, and loading never runs code.
+(orbax writes to a temporary directory and renames it). Each step holds two
+items: `state` (the arrays of the `TrainState`) and `config` (the run's
+configuration as JSON, read back by `load_config`). Only arrays and JSON are
+stored: the static parts of the state (the optimizer, `forward`, the model's
+structure) come from the `state` given to `checkpoint_restore`, and loading never
+runs code. This module writes nothing else in the work directory: a run folder's
+other files (such as a command line's own `config.json`) belong to their writers.
 
 `save_model`/`load_model` write and read one file with
 `eqx.tree_serialise_leaves`, for exporting a trained model.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import os
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -31,13 +33,14 @@ from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import LatestN
 
 from ._io import atomic_write
+from ._validate import check_int
 from .state import TrainState
 
 
-CONFIG_FILE = "config.json"
-"""Name of the configuration file `checkpoint_save` writes in the work directory."""
-
 _MAX_TO_KEEP = 3
+# The items of a checkpoint step: the state's arrays and the run's JSON config.
+_STATE = "state"
+_CONFIG = "config"
 
 
 # ---------------------------------------------------------------------------
@@ -63,11 +66,13 @@ def _manager(
         # A returned save is a complete save.
         enable_async_checkpointing=False,
     )
-    # Naming the handler lets a fresh manager read a checkpoint's metadata. (orbax
-    # 0.12.8 emits no Python warnings on these calls, even under `-W error`.)
-    manager = ocp.CheckpointManager(
-        path, item_handlers=ocp.StandardCheckpointHandler(), options=options
-    )
+    # Naming the handlers lets a fresh manager read a checkpoint's metadata.
+    # (orbax 0.12.8 emits no Python warnings on these calls, even under `-W error`.)
+    handlers = {
+        _STATE: ocp.StandardCheckpointHandler(),
+        _CONFIG: ocp.JsonCheckpointHandler(),
+    }
+    manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
     try:
         yield manager
     finally:
@@ -212,17 +217,17 @@ def checkpoint_save(
 ) -> bool:
     """Save the arrays of a `TrainState` and the run's configuration.
 
-    An orbax `CheckpointManager` in `workdir` (created if needed) stores the array
-    leaves of `state` (`eqx.filter(state, eqx.is_array)`; PRNG keys as their key
-    data) at step `int(state.step)`, and keeps the last `max_to_keep` steps. The
-    save is synchronous and atomic: when this function returns the step directory
-    is complete, and a save interrupted at any point (even by `SIGKILL`) leaves
-    only orbax's temporary directory, never a step that looks complete.
+    An orbax `CheckpointManager` in `workdir` (created if needed) stores, at step
+    `int(state.step)`, the array leaves of `state` (`eqx.filter(state,
+    eqx.is_array)`; PRNG keys as their key data) and `config` as JSON, and keeps
+    the last `max_to_keep` steps. The save is synchronous and atomic: when this
+    function returns the step directory is complete, and a save interrupted at
+    any point (even by `SIGKILL`) leaves only orbax's temporary directory, never a
+    step that looks complete.
 
-    `config` is written as `workdir/config.json` (through a temporary file and
-    `os.replace`), keeping only its JSON-representable entries: callables (such as
-    SCICO's `post_lst`), optimizers and arrays are left out. Only process 0
-    writes it.
+    Only the JSON-representable entries of `config` are stored: callables (such
+    as SCICO's `post_lst`), optimizers and arrays are left out. Read them back
+    with [`eqx_steps.load_config`][]. Nothing else is written in `workdir`.
 
     Saving a step that is already the latest saved step does nothing (the state
     at a step is determined by the run) and returns `False`.
@@ -244,10 +249,7 @@ def checkpoint_save(
         another run): restore it to resume, or use another directory.
     """
     _check_state(state)
-    if isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int):
-        raise TypeError(f"`max_to_keep` must be an int >= 1, got {max_to_keep!r}.")
-    if max_to_keep < 1:
-        raise ValueError(f"`max_to_keep` must be >= 1, got {max_to_keep}.")
+    max_to_keep = check_int("max_to_keep", max_to_keep, minimum=1)
     path = _workdir(workdir)
     config_json = _config_dict(config)
     step = _host_int(state.step)
@@ -266,18 +268,12 @@ def checkpoint_save(
                 "this save. Restore it with `checkpoint_restore(state, workdir)` to "
                 "resume that run, or save into a new (or emptied) directory."
             )
-        manager.save(step, args=ocp.args.StandardSave(arrays))
+        items = {
+            _STATE: ocp.args.StandardSave(arrays),
+            _CONFIG: ocp.args.JsonSave(config_json),
+        }
+        manager.save(step, args=ocp.args.Composite(**items))
         manager.wait_until_finished()
-    if jax.process_index() == 0:
-        # Merge into what is there, so keys written by others (the CLI's model
-        # settings) survive the trainer's periodic saves.
-        config_path = path / CONFIG_FILE
-        old = {}
-        if config_path.is_file():
-            with contextlib.suppress(ValueError, OSError):
-                old = json.loads(config_path.read_text())
-        merged = {**old, **config_json} if isinstance(old, dict) else config_json
-        atomic_write(config_path, json.dumps(merged, indent=2).encode() + b"\n")
     return True
 
 
@@ -398,14 +394,16 @@ def checkpoint_restore(
     with _manager(path, create=False) as manager:
         steps = sorted(manager.all_steps())
         try:
-            metadata = manager.metadata(step).item_metadata
+            items = manager.metadata(step).item_metadata
+            metadata = None if items is None else items.get(_STATE)
             if metadata is None or not hasattr(metadata, "tree"):
-                raise FileNotFoundError("its tree metadata is missing")
+                raise FileNotFoundError("the tree metadata of its state is missing")
         except Exception as e:
             raise _corrupt(path, step, steps, e) from e
         _compare(path, step, target, metadata)
         try:
-            restored = manager.restore(step, args=ocp.args.StandardRestore(target))
+            args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+            restored = manager.restore(step, args=args)[_STATE]
         except Exception as e:
             raise _corrupt(path, step, steps, e) from e
 
@@ -416,24 +414,48 @@ def checkpoint_restore(
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, out), static)
 
 
-def load_config(workdir: str | os.PathLike) -> dict[str, Any]:
-    """Read the configuration `checkpoint_save` wrote in `workdir`.
+def load_config(
+    workdir: str | os.PathLike, *, step: int | None = None
+) -> dict[str, Any]:
+    """Read the configuration stored with a checkpoint in `workdir`.
 
     **Arguments:**
 
     - `workdir`: the checkpoint directory.
+    - `step`: the checkpoint step to read; `None` (default) reads the latest one.
 
     **Returns:**
 
-    The configuration dict (its JSON-representable entries).
+    The configuration dict given to [`eqx_steps.checkpoint_save`][] (its
+    JSON-representable entries).
+
+    **Raises:**
+
+    - `FileNotFoundError`: `workdir` holds no (such) checkpoint.
+    - `ValueError`: the checkpoint's config item is missing or corrupt.
     """
-    file = _workdir(workdir) / CONFIG_FILE
-    if not file.is_file():
+    path = _workdir(workdir)
+    latest = latest_step(path)
+    if step is None:
+        step = latest
+    else:
+        step = check_int("step", step, minimum=0)
+    if step is None or not (path / str(step)).is_dir():
+        what = "no complete checkpoint" if latest is None else f"no step {step}"
         raise FileNotFoundError(
-            f"no configuration file {str(file)!r}; `checkpoint_save` writes it."
+            f"checkpoint directory {str(path)!r} holds {what}; the configuration is "
+            "stored with each checkpoint (`checkpoint_save(state, config, workdir)`)."
         )
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    with _manager(path, create=False) as manager:
+        steps = sorted(manager.all_steps())
+        try:
+            args = ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
+            config = manager.restore(step, args=args)[_CONFIG]
+        except Exception as e:
+            raise _corrupt(path, step, steps, e) from e
+    if not isinstance(config, dict):
+        raise _corrupt(path, step, steps, TypeError("its config is not a JSON object"))
+    return config
 
 
 # ---------------------------------------------------------------------------

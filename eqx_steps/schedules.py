@@ -5,15 +5,63 @@ Each function builds exactly the optax schedule that SCICO's
 take the config of the trainer (a `dict`, a `TypedDict`, any `Mapping`, or a
 dataclass such as `TrainConfig`); a missing key raises a `KeyError` that names
 the key and the schedule that needs it.
+
+`as_schedule` is the one place where a constant learning rate (a float) becomes
+a schedule: every function that takes a schedule accepts a float through it.
 """
 
 import dataclasses
-import math
-import numbers
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, overload
 
+import jax
 import optax
+
+from ._validate import check_int, check_number, is_real
+
+
+@overload
+def as_schedule(learning_rate: None, name: str = ...) -> None: ...
+@overload
+def as_schedule(
+    learning_rate: optax.ScalarOrSchedule, name: str = ...
+) -> optax.Schedule: ...
+def as_schedule(
+    learning_rate: optax.ScalarOrSchedule | None, name: str = "learning_rate_fn"
+) -> optax.Schedule | None:
+    """A learning-rate schedule from a schedule or a constant learning rate.
+
+    Every function of this library that takes a schedule (`train_step`,
+    `parallel_train_step`, `create_basic_train_state`, the result of a config's
+    `lr_schedule`) accepts a plain number through this function.
+
+    **Arguments:**
+
+    - `learning_rate`: an optax schedule (any function `step -> learning rate`),
+        a finite number `>= 0` (a constant schedule), a scalar JAX array, or
+        `None` (left as `None`: "read it from the optimizer state", see
+        [`eqx_steps.train_step`][]).
+    - `name`: the argument's name, for error messages.
+
+    **Returns:**
+
+    The schedule (`optax.constant_schedule(learning_rate)` for a number).
+
+    **Raises:**
+
+    `TypeError` for anything else, `ValueError` for a negative or non-finite
+    number.
+    """
+    if learning_rate is None or callable(learning_rate):
+        return learning_rate
+    if isinstance(learning_rate, jax.Array) and learning_rate.ndim == 0:
+        return optax.constant_schedule(learning_rate)
+    if not is_real(learning_rate):
+        raise TypeError(
+            f"`{name}` must be a schedule (a function step -> learning rate) or a "
+            f"number, got {learning_rate!r} ({type(learning_rate).__name__})."
+        )
+    return optax.constant_schedule(check_number(name, learning_rate, minimum=0.0))
 
 
 def _as_mapping(config: Any, schedule: str) -> Mapping[str, Any]:
@@ -36,28 +84,20 @@ def _get(
     positive: bool = False,
     nonnegative: bool = False,
 ) -> Any:
-    """Read `config[key]` and check that it is a finite real number."""
+    """Read `config[key]`, checked to be a finite number (an integer if asked)."""
     if key not in config:
         raise KeyError(
             f"{schedule}: the config has no {key!r}, which this schedule needs; "
             f"add config[{key!r}] (present keys: {sorted(map(str, config))})."
         )
-    value = config[key]
-    kind = numbers.Integral if integer else numbers.Real
-    if isinstance(value, bool) or not isinstance(value, kind):
-        expected = "an integer" if integer else "a number"
-        raise TypeError(
-            f"{schedule}: config[{key!r}] must be {expected}, "
-            f"got {type(value).__name__}: {value!r}."
-        )
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"{schedule}: config[{key!r}] must be finite, got {value!r}.")
-    if positive and not number > 0:
-        raise ValueError(f"{schedule}: config[{key!r}] must be > 0, got {value!r}.")
-    if nonnegative and not number >= 0:
-        raise ValueError(f"{schedule}: config[{key!r}] must be >= 0, got {value!r}.")
-    return value
+    name = f"config[{key!r}]"
+    try:
+        if integer:
+            return check_int(name, config[key], minimum=1 if positive else 0)
+        minimum = 0.0 if nonnegative else None
+        return check_number(name, config[key], minimum=minimum, positive=positive)
+    except (TypeError, ValueError) as e:  # the same error, naming the schedule
+        raise type(e)(f"{schedule}: {e}") from None
 
 
 def create_cnst_lr_schedule(config: Mapping[str, Any]) -> optax.Schedule:

@@ -18,6 +18,7 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
+from .schedules import as_schedule
 from .state import TrainState
 
 
@@ -112,7 +113,7 @@ def _injected_learning_rate(opt_state: optax.OptState) -> Scalar:
 def train_step(
     state: TrainState,
     batch: Batch,
-    learning_rate_fn: optax.Schedule | None,
+    learning_rate_fn: optax.ScalarOrSchedule | None,
     criterion: Criterion,
     metrics_fn: MetricsFn,
     *,
@@ -131,9 +132,10 @@ def train_step(
     - `state`: the current [`eqx_steps.TrainState`][].
     - `batch`: a dict with `"image"` (input) and `"label"` (target) arrays, leading
         axis = examples on this device.
-    - `learning_rate_fn`: the schedule, evaluated at the step before the update for
-        the `"learning_rate"` metric; `None` reads the learning rate from an
-        optimizer built with `optax.inject_hyperparams`.
+    - `learning_rate_fn`: the schedule (or a constant learning rate, a float),
+        evaluated at the step before the update for the `"learning_rate"` metric;
+        `None` reads the learning rate from an optimizer built with
+        `optax.inject_hyperparams`.
     - `criterion`: the loss, `criterion(output, label) -> scalar`.
     - `metrics_fn`: `metrics_fn(output, label, criterion) -> dict` of scalars.
     - `axis_name`: the collective axis to average over (`"device"`), or `None`.
@@ -165,7 +167,7 @@ def train_step(
         metrics["learning_rate"] = _injected_learning_rate(new_state.opt_state)
     else:
         metrics["learning_rate"] = jnp.asarray(
-            learning_rate_fn(state.step), jnp.float32
+            as_schedule(learning_rate_fn)(state.step), jnp.float32
         )
     return new_state, metrics
 

@@ -2,7 +2,6 @@
 
 import functools
 import gc
-import json
 import os
 import signal
 import subprocess
@@ -19,15 +18,16 @@ from helpers import tree_equal
 from hypothesis import given, settings, strategies as st
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from eqx_steps.checkpoint import (
+from eqx_steps import (
     checkpoint_restore,
     checkpoint_save,
     latest_step,
     load_config,
     load_model,
+    per_example,
     save_model,
+    TrainState,
 )
-from eqx_steps.state import per_example, TrainState
 
 
 TX = optax.adam(1e-3)  # built once: a new optax object is a new static value
@@ -204,7 +204,7 @@ def test_same_step_is_skipped_an_earlier_one_refused(tmp_path):
         checkpoint_save(perturb(template, 2), {}, tmp_path)
 
 
-def test_config_json_leaves_out_what_json_cannot_hold(tmp_path):
+def test_config_is_stored_in_the_checkpoint_without_what_json_cannot_hold(tmp_path):
     config = {
         "batch_size": 16,
         "opt_type": "ADAM",
@@ -220,8 +220,7 @@ def test_config_json_leaves_out_what_json_cannot_hold(tmp_path):
         "nested": {"a": None, "b": [1, "x"], "fn": len},
     }
     checkpoint_save(make_state(), config, tmp_path)
-    written = json.loads((tmp_path / "config.json").read_text())
-    assert written == load_config(tmp_path)
+    written = load_config(tmp_path)
     assert written == {
         "batch_size": 16,
         "opt_type": "ADAM",
@@ -233,6 +232,18 @@ def test_config_json_leaves_out_what_json_cannot_hold(tmp_path):
         "nested": {"a": None, "b": [1, "x"]},
     }
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+    # The checkpoint writes nothing but its step directories.
+    assert os.listdir(tmp_path) == ["0"]
+
+
+def test_each_step_keeps_its_own_config(tmp_path):
+    template = make_state()
+    checkpoint_save(perturb(template, 1), {"lr": 0.1}, tmp_path)
+    checkpoint_save(perturb(template, 2), {"lr": 0.2, "extra": "x"}, tmp_path)
+    assert load_config(tmp_path) == {"lr": 0.2, "extra": "x"}
+    assert load_config(tmp_path, step=1) == {"lr": 0.1}
+    with pytest.raises(FileNotFoundError, match="no step 7"):
+        load_config(tmp_path, step=7)
 
 
 def test_config_from_a_dataclass(tmp_path):
@@ -268,8 +279,10 @@ def test_no_checkpoint(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
         checkpoint_restore(state, empty)
     assert latest_step(missing) is None and latest_step(empty) is None
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         load_config(empty)
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        load_config(missing)
 
 
 def test_bad_arguments(tmp_path):
@@ -352,11 +365,11 @@ def test_corrupt_latest_step_is_named(tmp_path, damage):
             with open(file, "r+b") as f:
                 f.truncate(os.path.getsize(file) // 2)
     elif damage == "delete_metadata":
-        os.remove(step_dir / "default" / "_METADATA")
+        os.remove(step_dir / "state" / "_METADATA")
     else:
         import shutil
 
-        shutil.rmtree(step_dir / "default")
+        shutil.rmtree(step_dir / "state")
     with pytest.raises(ValueError) as info:
         checkpoint_restore(template, tmp_path)
     message = str(info.value)
@@ -376,8 +389,7 @@ def test_corrupt_latest_step_is_named(tmp_path, damage):
 _SAVER = """
 import sys
 import equinox as eqx, jax, jax.numpy as jnp, optax
-from eqx_steps.checkpoint import checkpoint_save
-from eqx_steps.state import per_example, TrainState
+from eqx_steps import checkpoint_save, TrainState
 
 model = eqx.nn.Linear(1024, 2048, key=jax.random.key(0))
 state = TrainState.create(model, optax.adam(1e-3), key=jax.random.key(1))

@@ -233,7 +233,7 @@ def test_bad_arguments_are_named():
     fn = eval_fn_on(N_DEVICES, "scico", "pmap")
     with pytest.raises(ValueError, match="`dataset`.*'label'"):
         es.evaluate_dataset(fn, STATE, {"image": np.zeros((8, 3))}, 8)
-    with pytest.raises(ValueError, match="`max_batches` must be >= 1"):
+    with pytest.raises(ValueError, match="`max_batches` must be an int >= 1"):
         evaluate(make_data(8), 8, max_batches=0)
     with pytest.raises(ValueError, match="`batch_size` = 6"):
         evaluate(make_data(8), 6)

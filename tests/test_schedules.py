@@ -4,6 +4,7 @@ import dataclasses
 import math
 from typing import TypedDict
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +12,9 @@ import optax
 import pytest
 from hypothesis import given, strategies as st
 
-from eqx_steps.schedules import (
+import eqx_steps as es
+from eqx_steps import (
+    as_schedule,
     create_cnst_lr_schedule,
     create_cosine_lr_schedule,
     create_exp_lr_schedule,
@@ -248,3 +251,63 @@ def test_bad_values_raise_naming_key(make, key, value, error):
 def test_config_not_a_mapping_raises():
     with pytest.raises(TypeError, match="`config` must be a mapping"):
         create_cnst_lr_schedule(0.1)  # pyright: ignore[reportArgumentType]
+
+
+# ---------------------------------------------------------------------------
+# A constant learning rate wherever a schedule is taken
+
+
+def test_as_schedule_makes_a_number_constant_and_keeps_a_schedule():
+    schedule = create_exp_lr_schedule(_FULL)
+    assert as_schedule(schedule) is schedule
+    assert as_schedule(None) is None
+    for lr in (0.03, 1, np.float32(0.03), jnp.asarray(0.03)):
+        np.testing.assert_allclose(_at(as_schedule(lr), [0, 7, 10_000]), float(lr))
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [
+        ("0.1", TypeError),
+        (True, TypeError),
+        ([0.1], TypeError),
+        (-1e-3, ValueError),
+        (float("inf"), ValueError),
+    ],
+)
+def test_as_schedule_bad_values_name_the_argument(value, error):
+    with pytest.raises(error, match="`learning_rate_fn`"):
+        as_schedule(value)
+
+
+_LINEAR = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+_TX = optax.sgd(0.05)
+_BATCH = {
+    "image": np.linspace(-1, 1, 4 * 8 * 3, dtype=np.float32).reshape(4, 8, 3),
+    "label": np.linspace(0, 1, 4 * 8 * 2, dtype=np.float32).reshape(4, 8, 2),
+}
+
+
+def test_train_step_and_parallel_train_step_take_a_float():
+    state = es.TrainState.create(_LINEAR, _TX)
+    one = {k: v[0] for k, v in _BATCH.items()}
+
+    @eqx.filter_jit
+    def step(state, lr):
+        return es.train_step(
+            state, one, lr, es.mse_loss, es.compute_metrics, axis_name=None
+        )
+
+    by_float, metrics = step(state, 0.05)
+    by_schedule, expected = step(state, optax.constant_schedule(0.05))
+    assert eqx.tree_equal(by_float, by_schedule)
+    assert float(metrics["learning_rate"]) == float(expected["learning_rate"])
+    np.testing.assert_allclose(float(metrics["learning_rate"]), 0.05, rtol=1e-7)
+
+    parallel = es.parallel_train_step(0.05, es.mse_loss, es.compute_metrics)
+    new, metrics = parallel(state, _BATCH)
+    np.testing.assert_allclose(float(metrics["learning_rate"]), 0.05, rtol=1e-7)
+    assert int(new.step) == 1
+    # create_basic_train_state builds its optimizer with the constant as well.
+    created = es.create_basic_train_state({"opt_type": "SGD"}, _LINEAR, 0.05)
+    assert eqx.tree_equal(step(created, 0.05)[0].model, by_float.model)
