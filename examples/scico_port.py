@@ -72,7 +72,7 @@ def main(
         "num_epochs": num_epochs,
         "base_learning_rate": 1e-2,  # SCICO: 1e-3 (a much longer run)
         "warmup_epochs": 0,
-        "log_every_steps": train_nimg // 16,  # once an epoch; SCICO: 5000
+        "log_every_steps": max(1, train_nimg // 16),  # each epoch; SCICO: 5000
         "log": verbose,
         "checkpointing": True,
     }
@@ -99,7 +99,8 @@ def main(
         train_conf, model, train_ds, test_ds, model_state=model_state
     )
     start_time = time()
-    # SCICO: modvar, stats_object = trainer.train() (variables dict, IterationStats)
+    # SCICO: modvar, stats_object = trainer.train() (variables dict, IterationStats);
+    # with train_conf["return_state"] = False: (model, model_state), history.
     state, history = trainer.train()
     train_time = time() - start_time  # SCICO: trainer.train_time
 
@@ -127,15 +128,14 @@ def main(
     )
     print(f"{'Noisy input':18s}{'SNR:':5s}{snr_noisy:>5.2f}{' dB'}")
 
-    # Convergence statistics. SCICO: stats_object.history(transpose=True) with
-    # fields Epoch, Train_Loss, Eval_SNR, ...; here one list per record key.
-    hist = history.to_dict()
-    if hist:
+    # Convergence statistics, only when a training cycle was done (a rerun in the
+    # same workdir restores the final checkpoint and trains no further). SCICO:
+    # stats_object.history(transpose=True); the same field names.
+    if history.records:
+        hist = history.history(transpose=True)
         print(
             "Eval SNR by epoch: "
-            + ", ".join(
-                f"{e}: {s:.2f} dB" for e, s in zip(hist["epoch"], hist["eval_snr"])
-            )
+            + ", ".join(f"{e}: {s:.2f} dB" for e, s in zip(hist.Epoch, hist.Eval_SNR))
         )
     return {
         "state": state,

@@ -16,7 +16,7 @@ def test_scico_port_trains_applies_and_reruns(tmp_path, capsys):
     # Every test patch has its output, the 4 of the last partial batch included.
     assert first["output"].shape == (36, 16, 16, 1)
     assert first["snr_eval"] > first["snr_noisy"] + 2
-    assert "DnCNNNet testing" in out and "Eval SNR by epoch" in out
+    assert "DnCNNNet testing" in out and "Eval SNR by epoch: 1: " in out
     assert len(first["history"].records) == 10
 
     # SCICO's rerun: the trainer restores the last checkpoint and has nothing to
