@@ -214,3 +214,19 @@ def test_bad_inputs_exit_2_with_one_line(case, words, gray, run_dir, tmp_path, c
     assert len(err.strip().splitlines()) == 1, err
     assert words in err, err
     assert not out.exists()
+
+
+def test_a_colour_run_takes_the_channels_together(colour, gray, tmp_path, capsys):
+    run = tmp_path / "colour-run"
+    argv = ["train", *TINY_RUN, "--data", str(colour), "--out", str(run)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert cli.main(argv) == 0
+    out = tmp_path / "c.png"
+    text = _denoise([str(colour), "--run", str(run), "--out", str(out)])
+    assert "channels together" in text
+    assert images.read_image(out).shape == (48, 40, 3)
+    capsys.readouterr()  # the restored step, on stderr
+    # A colour model cannot denoise a grayscale image.
+    code, err = _exit_code(capsys, [str(gray), "--run", str(run), "--out", str(out)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "trained on 3-channel images" in err

@@ -138,16 +138,27 @@ def _pretrained(variant: str) -> tuple[Any, Any, str]:
     return model, model_state, f"SCICO's DnCNN {variant}"
 
 
-def _trained(run_dir: str) -> tuple[Any, Any, str]:
-    """The latest checkpoint of a run folder: model, state and a description."""
+def _trained(run_dir: str, image_channels: int) -> tuple[Any, Any, str]:
+    """The latest checkpoint of a run folder: model, state and a description.
+
+    A model trained on `C`-channel images takes `C`-channel images, or each
+    channel of any image on its own when `C` is 1: anything else is refused
+    before the checkpoint is restored.
+    """
     from ._models import build_model, resolve, restore
-    from ._settings import DEFAULTS
+    from ._settings import DEFAULTS, saved_settings
     from .train import trainer_config
 
     config = folder.read_config(run_dir)
-    settings = resolve({**DEFAULTS, **folder.read_settings(run_dir)})
+    where = repr(os.path.join(run_dir, folder.CONFIG_FILE))
+    settings = resolve({**DEFAULTS, **saved_settings(config, where)})
     with reported(f"{folder.CONFIG_FILE}: "):
         channels = check_int("channels", config.get("channels", 1))
+    if channels not in (1, image_channels):
+        raise UsageError(
+            f"the run {run_dir!r} was trained on {channels}-channel images and "
+            f"IMAGE has {image_channels} channel(s); give a {channels}-channel image"
+        )
     model, model_state = build_model(settings, channels)
     state = restore(trainer_config(settings, run_dir), model, model_state, run_dir)
     if state is None:
@@ -270,7 +281,9 @@ def run(args: argparse.Namespace) -> int:
     from ..denoise import add_noise, denoise_image
 
     model, model_state, name = (
-        _pretrained(args.variant) if args.variant else _trained(args.run_dir)
+        _pretrained(args.variant)
+        if args.variant
+        else _trained(args.run_dir, original.shape[-1])
     )
     sigma = _noise_level(model, args, name)
     print(_describe(args.image, original, name, model, tile), flush=True)
