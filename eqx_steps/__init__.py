@@ -15,6 +15,8 @@ from .data import create_input_iter as create_input_iter, IterateData as Iterate
 from .losses import mse_loss as mse_loss
 from .metrics import compute_metrics as compute_metrics, psnr as psnr, snr as snr
 from .parallel import (
+    device_mesh as device_mesh,
+    NonFiniteStepError as NonFiniteStepError,
     parallel_eval_step as parallel_eval_step,
     parallel_train_step as parallel_train_step,
     replicate as replicate,
