@@ -55,7 +55,7 @@ def _build(
     *,
     returns_state: bool,
     backend: Any,
-    devices: Sequence[jax.Device] | None,
+    devices: Sequence[Any] | None,
     donate: Any = False,
     steps_per_call: Any = 1,
     unroll: Any = 1,
@@ -88,7 +88,7 @@ def parallel_train_step(
     nan_policy: NanPolicy = "raise",
     unroll: Unroll = "auto",
     compiler_options: dict[str, Any] | None = None,
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build a data-parallel training step over every device.
 
@@ -185,7 +185,7 @@ def parallel_eval_step(
     *,
     eval_step_fn: Callable[..., Metrics] = eval_step,
     backend: Backend = "pmap",
-    devices: Sequence[jax.Device] | None = None,
+    devices: Sequence[Any] | None = None,
 ) -> Callable[[TrainState, Batch], Metrics]:
     """Build a data-parallel evaluation step over every device.
 

@@ -49,7 +49,7 @@ def check_devices(name: str, devices: Any, *, local: bool = False) -> tuple:
     return devices
 
 
-def device_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+def device_mesh(devices: Sequence[Any] | None = None) -> Mesh:
     """The one-axis mesh, axis `"device"`, that the parallel steps run over.
 
     Every batch placement and replicated state of this library is laid out on a

@@ -8,6 +8,7 @@ the leading device axis they expect.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -20,7 +21,7 @@ from ..state import DEVICE_AXIS, TrainState
 from ._mesh import check_devices, device_mesh
 
 
-def replicate(tree: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+def replicate(tree: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     """Give every array leaf a leading device axis, one copy per device.
 
     For users' own `eqx.filter_pmap`/`jax.pmap` loops, as SCICO's `replicate`;
@@ -64,7 +65,7 @@ def unreplicate(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x[0] if eqx.is_array(x) else x, tree)
 
 
-def shard(batch: PyTree, devices: Sequence[jax.Device] | None = None) -> PyTree:
+def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     """Reshape a local batch `(local_batch, ...)` to `(n_devices, per_device, ...)`.
 
     **Arguments:**

@@ -94,7 +94,7 @@ class ParallelStep:
         self._strategy = strategy
         self._donate = donate
         self._steps_per_call = steps_per_call
-        self._unroll = unroll
+        self._unroll: Unroll = unroll
         self._policy = policy
         self._compiler_options = compiler_options
         self._placement = Placement(strategy.mesh, steps_per_call)

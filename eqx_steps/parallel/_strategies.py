@@ -38,7 +38,7 @@ class PmapStrategy:
 
     name = "pmap"
 
-    def __init__(self, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, devices: Sequence[Any] | None = None):
         if jax.process_count() > 1:
             raise ValueError(
                 "`backend` = 'pmap' cannot run across processes (this is a "
@@ -50,7 +50,7 @@ class PmapStrategy:
         self.mesh = device_mesh(self.devices)
 
     def map(self, body: Body, device_axis: int) -> Body:
-        mapped = eqx.filter_pmap(
+        mapped = eqx.filter_pmap(  # pyright: ignore[reportCallIssue]  (devices=)
             body,
             in_axes=(None, device_axis),
             out_axes=None,
@@ -75,7 +75,7 @@ class ShardedStrategy:
 
     name = "sharded"
 
-    def __init__(self, devices: Sequence[jax.Device] | None = None):
+    def __init__(self, devices: Sequence[Any] | None = None):
         if devices is None:
             devices = jax.devices()
         self.devices = check_devices("devices", devices)
