@@ -55,13 +55,14 @@ def _build(
     *,
     returns_state: bool,
     backend: Any,
-    devices: Sequence[Any] | None,
-    donate: Any = False,
-    steps_per_call: Any = 1,
-    unroll: Any = 1,
-    nan_policy: Any = "ignore",
-    compiler_options: Any = None,
+    devices: Any,
+    donate: Any,
+    steps_per_call: Any,
+    unroll: Any,
+    nan_policy: Any,
+    compiler_options: Any,
 ) -> ParallelStep:
+    """The step, with every option checked at this public boundary."""
     check_choice("backend", backend, tuple(STRATEGIES))
     return ParallelStep(
         per_device,
@@ -205,4 +206,14 @@ def parallel_eval_step(
     def per_device(state, batch):
         return eval_step_fn(state, batch, criterion, metrics_fn, axis_name=DEVICE_AXIS)
 
-    return _build(per_device, returns_state=False, backend=backend, devices=devices)
+    return _build(
+        per_device,
+        returns_state=False,
+        backend=backend,
+        devices=devices,
+        donate=False,
+        steps_per_call=1,
+        unroll=1,
+        nan_policy="ignore",
+        compiler_options=None,
+    )

@@ -82,12 +82,12 @@ class ShardedStrategy:
         self.mesh = device_mesh(self.devices)
 
     def map(self, body: Body, device_axis: int) -> Body:
-        def per_device(arrays, batch):  # the device axis is 1 here: drop it
+        def drop_device_axis(arrays, batch):  # of size 1 on each device
             batch = jax.tree_util.tree_map(lambda x: jnp.squeeze(x, device_axis), batch)
             return body(arrays, batch)
 
         return jax.shard_map(
-            per_device,
+            drop_device_axis,
             mesh=self.mesh,
             in_specs=(P(), P(*([None] * device_axis), DEVICE_AXIS)),
             out_specs=P(),
