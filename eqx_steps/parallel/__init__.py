@@ -36,4 +36,3 @@ from ._replicate import (
 )
 
 # Kept for tests/test_steps.py, which imports it from here; not public.
-from ._scan import has_primitive as _has_primitive  # noqa: F401
