@@ -43,16 +43,6 @@ def _analyse(fn, *args) -> dict:
     return {f"xla_{k}_mb": v for k, v in mb.items()}
 
 
-def _xla_memory(step, state, batch) -> dict:
-    # The library's compiled function, looked up as its call path does. Private
-    # API: a figure for this report, not something to build on.
-    from eqx_steps import parallel
-
-    dynamic, flat = parallel._split(state)
-    fn = step._cache[parallel._cache_key(flat)]
-    return _analyse(fn, dynamic, step._place_batch(batch))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
@@ -93,7 +83,7 @@ def main(argv=None):
         state = es.TrainState.create(model, w.TX)
         del model
         step = w.library_step("train", "pmap", donate=bool(args.donate))
-        analyse = _xla_memory
+        analyse = _analyse  # step.lower(state, batch): the public view
         jax.block_until_ready(state)
         state_mb = rss_mb()
     else:

@@ -43,7 +43,7 @@ LR = 1e-3
 TX = optax.adam(LR)  # built once: a new optax object would be a new static value
 B1, B2, EPS = 0.9, 0.999, 1e-8  # optax.adam's defaults, for the hand-written Adam
 CLIP = (-0.5, 0.5)  # the range of the clipping post-processor (weights only)
-MAX_IN_FLIGHT = 8  # as eqx_steps.parallel._MAX_IN_FLIGHT
+MAX_IN_FLIGHT = 8  # as eqx_steps/parallel/_throttle.py (CPU only there)
 
 
 def learning_rate_fn(step):

@@ -33,6 +33,8 @@ from .metrics import (
     snr as snr,
 )
 from .parallel import (
+    device_mesh as device_mesh,
+    NonFiniteStepError as NonFiniteStepError,
     parallel_eval_step as parallel_eval_step,
     parallel_train_step as parallel_train_step,
     replicate as replicate,

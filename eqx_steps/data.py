@@ -18,10 +18,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
-from .parallel import shard
+from .parallel import device_mesh, shard
 from .state import DEVICE_AXIS
 
 
@@ -313,7 +313,7 @@ class DeviceIter:
         self.steps_per_call = steps_per_call
         self.size_device_prefetch = size_device_prefetch
         self.dtype = dtype
-        mesh = Mesh(np.asarray(jax.local_devices()), (DEVICE_AXIS,))
+        mesh = device_mesh()
         spec = P(DEVICE_AXIS) if steps_per_call == 1 else P(None, DEVICE_AXIS)
         self.sharding = NamedSharding(mesh, spec)
         self._queue: collections.deque[DeviceBatch] = collections.deque()

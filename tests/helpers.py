@@ -116,3 +116,12 @@ def leaves_equal(x, y) -> bool:
         a.shape == b.shape and np.array_equal(np.asarray(a), np.asarray(b))
         for a, b in zip(xs, ys)
     )
+
+
+def has_primitive(jaxpr, name: str) -> bool:
+    """Whether `jaxpr` or a jaxpr nested in its equations uses primitive `name`."""
+    from jax.extend.core import subjaxprs
+
+    return any(eqn.primitive.name == name for eqn in jaxpr.eqns) or any(
+        has_primitive(sub, name) for sub in subjaxprs(jaxpr)
+    )

@@ -1,4 +1,6 @@
+import dataclasses
 import functools
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -181,7 +183,9 @@ def test_nan_policy_raise_names_the_step_and_keeps_the_state(backend):
     kept = jax.tree_util.tree_map(np.asarray, eqx.filter(state, eqx.is_array))
     with pytest.raises(FloatingPointError, match="step 1") as info:
         fn(state, es.shard(nan_batch()))
+    assert isinstance(info.value, es.NonFiniteStepError)
     after = info.value.state  # pyright: ignore
+    assert isinstance(after, es.TrainState)
     assert int(after.step) == 2
     assert leaves_equal(after.model, kept.model)
     # Training goes on from the state the error carries.
@@ -268,50 +272,153 @@ def test_bad_options_are_refused():
         es.parallel_train_step(lr_fn, mse, loss_metrics, unroll=0)
 
 
-def test_compiler_options_reach_xla():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiler_options_reach_xla(backend):
     # XLA:CPU combines the gradients' all-reduces into one; with the combiner off
     # for this step only, each gradient leaf keeps its own (the low-memory setting
     # of docs/performance.md), and the result is the same.
-    from eqx_steps.parallel import _cache_key, _split
-
-    state = es.TrainState.create(mlp(), ADAM)
     batch = es.shard(regression_batch(16))
     counts, losses = [], []
     for options in (None, {"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}):
         step = es.parallel_train_step(
-            lr_fn, mse, loss_metrics, backend="sharded", compiler_options=options
+            lr_fn, mse, loss_metrics, backend=backend, compiler_options=options
         )
         _, metrics = step(es.TrainState.create(mlp(), ADAM), batch)
         losses.append(float(metrics["loss"]))
-        dynamic, flat = _split(state)
-        compiled = step._cache[_cache_key(flat)]
-        hlo = compiled.lower(dynamic, step._place_batch(batch)).compile().as_text()
+        lowered = step.lower(es.TrainState.create(mlp(), ADAM), batch)  # pyright: ignore
+        hlo = lowered.compile().as_text()
         counts.append(hlo.count(" all-reduce("))
     assert counts[0] == 1 and counts[1] > 1
     assert losses[0] == losses[1]
     with pytest.raises(ValueError, match="compiler_options"):
         es.parallel_train_step(lr_fn, mse, loss_metrics, compiler_options={"a": 1})
+    with pytest.raises(TypeError, match="compiler_options"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, compiler_options="fast")  # pyright: ignore
 
 
-def test_auto_unroll_finds_convolutions_in_nested_jaxprs():
-    # unroll="auto" unrolls the scan only for steps with a convolution, found
-    # through the jit/scan/vmap/grad that wrap it.
-    from eqx_steps.parallel import _has_primitive
+class ConvNet(eqx.Module):
+    """A 1-d convolution called through a nested `jit`, on a feature vector."""
 
-    conv = eqx.nn.Conv2d(1, 2, 3, key=jax.random.key(0))
-    dense = eqx.nn.Linear(4, 2, key=jax.random.key(0))
+    conv: eqx.nn.Conv1d
 
-    def nested(layer, x):
-        def body(c, x):
-            loss = lambda x: jnp.sum(jax.vmap(layer)(x))  # noqa: E731
-            return c + jax.jit(jax.grad(loss))(x).sum(), None
+    def __init__(self):
+        self.conv = eqx.nn.Conv1d(1, 2, 3, padding=1, key=jax.random.key(0))
 
-        return jax.lax.scan(body, 0.0, x[None])[0]
+    def __call__(self, x, *, key=None):
+        return jnp.mean(eqx.filter_jit(_apply)(self.conv, x[None]), axis=1)
 
-    with_conv = jax.make_jaxpr(functools.partial(nested, conv))(jnp.ones((2, 1, 5, 5)))
-    without = jax.make_jaxpr(functools.partial(nested, dense))(jnp.ones((2, 4)))
-    assert _has_primitive(with_conv.jaxpr, "conv_general_dilated")
-    assert not _has_primitive(without.jaxpr, "conv_general_dilated")
+
+def _apply(layer, x):
+    return layer(x)
+
+
+@pytest.mark.parametrize("model", [ConvNet, mlp], ids=["conv", "dense"])
+def test_auto_unroll_unrolls_steps_with_convolutions_only(model):
+    # unroll="auto" unrolls the scan over steps_per_call steps only for steps with
+    # a convolution, found through the jit/scan/vmap/grad that wrap it.
+    fn = parallel("sharded", steps_per_call=2)
+    batch = jax.tree_util.tree_map(
+        lambda x: jnp.stack([x, x]), es.shard(regression_batch(16))
+    )
+    text = fn.lower(es.TrainState.create(model(), ADAM), batch).as_text()  # pyright: ignore
+    assert ("stablehlo.convolution" in text) == (model is ConvNet)
+    assert ("stablehlo.while" in text) == (model is not ConvNet)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_does_not_donate_so_earlier_states_stay_usable(backend):
+    fn = es.parallel_train_step(lr_fn, mse, loss_metrics, backend=backend)
+    batch = es.shard(regression_batch(16))
+    first, _ = fn(es.TrainState.create(mlp(), ADAM), batch)
+    second, _ = fn(first, batch)
+    again, _ = fn(first, batch)  # the earlier state, kept as a "best model" would be
+    assert int(first.step) == 1 and tree_equal(again, second)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reusing_a_donated_state_names_donation_and_the_fix(backend):
+    fn = parallel(backend, donate=True)
+    batch = es.shard(regression_batch(16))
+    initial = es.TrainState.create(mlp(), ADAM)
+    first, _ = fn(initial, batch)
+    fn(first, batch)  # consumes `first`
+    with pytest.raises(ValueError, match=r"donated.*donate=False"):
+        fn(first, batch)
+    fn(initial, batch)  # the state built by the user is never donated
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_replicated_state_is_refused_with_the_fix(backend):
+    state = es.TrainState.create(mlp(), ADAM)
+    batch = es.shard(regression_batch(16))
+    with pytest.raises(ValueError, match=r"shape \(4,\).*unreplicate"):
+        parallel(backend, donate=False)(es.replicate(state), batch)
+    evaluate = es.parallel_eval_step(mse, loss_metrics, backend=backend)
+    with pytest.raises(ValueError, match="unreplicate"):
+        evaluate(es.replicate(state), batch)
+
+
+@functools.cache
+def on_devices(backend, n_devices):
+    devices = jax.local_devices()[:n_devices]
+    return es.parallel_train_step(
+        lr_fn, mse, loss_metrics, backend=backend, devices=devices
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(n_devices=st.sampled_from([1, 2, 4]), seed=st.integers(0, 3))
+def test_any_subset_of_devices_equals_one_device(backend, n_devices, seed):
+    devices = jax.local_devices()[:n_devices]
+    fn = on_devices(backend, n_devices)
+    batches = [regression_batch(8, seed + i) for i in range(3)]
+    ref, ref_metrics = run_single(es.TrainState.create(mlp(seed), ADAM), batches)
+    state = es.TrainState.create(mlp(seed), ADAM)
+    for b in batches:
+        state, metrics = fn(state, es.shard(b, devices))
+    assert max_rel_diff(state.model, ref.model) < 1e-5
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)
+    assert state.model.layers[0].weight.devices() == set(devices)
+    if n_devices < 4:
+        with pytest.raises(ValueError, match=rf"leading axes \({n_devices},\)"):
+            fn(state, es.shard(batches[0]))
+
+
+def test_bad_devices_are_refused():
+    with pytest.raises(TypeError, match="devices"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, devices=[0, 1])  # pyright: ignore
+    with pytest.raises(TypeError, match="devices"):
+        es.parallel_eval_step(mse, loss_metrics, devices=[])
+    d = jax.local_devices()[0]
+    with pytest.raises(ValueError, match="twice"):
+        es.parallel_train_step(lr_fn, mse, loss_metrics, devices=[d, d])
+    with pytest.raises(ValueError, match="not divisible by the 2 devices"):
+        es.shard(regression_batch(9), jax.local_devices()[:2])
+
+
+@dataclasses.dataclass
+class Note:  # a mutable dataclass: equal by value, unhashable
+    text: str
+
+
+class Tagged(eqx.Module):
+    mlp: eqx.nn.MLP
+    note: Any  # a non-array leaf of the state
+
+    def __call__(self, x, *, key=None):
+        return self.mlp(x)
+
+
+def test_compile_cache_compares_static_leaves_by_value():
+    # An unhashable non-array leaf is compared by value: an equal copy reuses the
+    # compiled step, another value compiles another one.
+    fn = parallel("sharded", donate=False)
+    batch = es.shard(regression_batch(16))
+    before = fn.cache_size  # pyright: ignore
+    for text in ("a", "a", "b", "b"):
+        new, _ = fn(es.TrainState.create(Tagged(mlp(), Note(text)), ADAM), batch)
+        assert new.model.note == Note(text)
+    assert fn.cache_size == before + 2  # pyright: ignore
 
 
 # --- SCICO-style helpers --------------------------------------------------------------

@@ -10,6 +10,7 @@ from helpers import (
     ADAM,
     bn_net,
     DropNet,
+    has_primitive,
     loss_metrics,
     lr_fn,
     max_rel_diff,
@@ -215,8 +216,6 @@ def test_collectives_are_skipped_over_a_one_device_axis(n_devices):
     # a second copy of every gradient alive across it), so the steps leave it out.
     from jax.sharding import Mesh, PartitionSpec as P
 
-    from eqx_steps.parallel import _has_primitive
-
     state = es.TrainState.create(mlp(), ADAM)
     dynamic, static = eqx.partition(state, eqx.is_array)
     batch = regression_batch(8)
@@ -234,7 +233,7 @@ def test_collectives_are_skipped_over_a_one_device_axis(n_devices):
         )
     )
     jaxpr = jax.make_jaxpr(mapped)(dynamic, batch)
-    assert _has_primitive(jaxpr.jaxpr, "psum") == (n_devices > 1)
+    assert has_primitive(jaxpr.jaxpr, "psum") == (n_devices > 1)
     new, metrics, _ = mapped(dynamic, batch)
     ref, ref_metrics = single_step(state, batch)
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-5)

@@ -1,0 +1,152 @@
+"""Devices, the mesh, and placement: where a parallel step puts its inputs.
+
+The one place that builds the device mesh ([`eqx_steps.device_mesh`][]) and the
+one place that puts a state (replicated on every device of the mesh) and a batch
+(split over the devices along its device axis) where a compiled step expects
+them, on one process or across several.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from .._validate import check_dataset
+from ..state import DEVICE_AXIS
+
+
+def check_devices(name: str, devices: Any, *, local: bool = False) -> tuple:
+    """`devices` as a tuple, checked to be distinct JAX devices (this process's
+    own when `local`); `TypeError`/`ValueError` naming `name` otherwise."""
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        raise TypeError(
+            f"`{name}` must be a sequence of JAX devices, got {devices!r}; pass e.g. "
+            "jax.local_devices()[:2]."
+        )
+    devices = tuple(devices)
+    if not devices or not all(isinstance(d, jax.Device) for d in devices):
+        raise TypeError(
+            f"`{name}` must be a non-empty sequence of JAX devices, got {devices!r}; "
+            "pass e.g. jax.local_devices()[:2]."
+        )
+    if len(set(devices)) != len(devices):
+        raise ValueError(
+            f"`{name}` = {devices!r} lists a device twice; list each once."
+        )
+    if local:
+        others = [d for d in devices if d.process_index != jax.process_index()]
+        if others:
+            raise ValueError(
+                f"`{name}` holds devices of other processes ({others}); "
+                "backend='pmap' runs on this process's devices "
+                "(jax.local_devices()): use backend='sharded' across processes."
+            )
+    return devices
+
+
+def device_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """The one-axis mesh, axis `"device"`, that the parallel steps run over.
+
+    Every batch placement and replicated state of this library is laid out on a
+    mesh built here.
+
+    **Arguments:**
+
+    - `devices`: the devices, in order (default: this process's devices,
+        `jax.local_devices()`; pass `jax.devices()` for every process's).
+
+    **Returns:**
+
+    A `jax.sharding.Mesh` with the single axis `eqx_steps.DEVICE_AXIS`.
+    """
+    if devices is None:
+        devices = jax.local_devices()
+    devices = check_devices("devices", devices)
+    return Mesh(np.asarray(devices, dtype=object), (DEVICE_AXIS,))
+
+
+class Placement:
+    """Where one parallel step puts its inputs on `mesh`.
+
+    The state: every array on every device of the mesh (`P()`). The batch: split
+    over the devices along its device axis, axis 0 for one step per call
+    (`(n_devices, per_device, ...)`), axis 1 for several
+    (`(steps_per_call, n_devices, per_device, ...)`). Each process passes the
+    batch of its own devices; across processes the global arrays are assembled
+    from them.
+    """
+
+    def __init__(self, mesh: Mesh, steps_per_call: int):
+        self.mesh = mesh
+        self.device_axis = 0 if steps_per_call == 1 else 1
+        n_local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+        self.lead = (n_local,) if steps_per_call == 1 else (steps_per_call, n_local)
+        self.state_sharding = NamedSharding(mesh, P())
+        self.batch_sharding = NamedSharding(
+            mesh, P(*([None] * self.device_axis), DEVICE_AXIS)
+        )
+        self._one_process = jax.process_count() == 1
+
+    def check_batch(self, batch: Any) -> None:
+        """Raise a clear error unless `batch` is a dict with image and label whose
+        leaves have the leading axes this step expects."""
+        check_dataset("batch", batch)
+        for name, x in batch.items():
+            shape = getattr(x, "shape", None)
+            if shape is None or tuple(shape[: len(self.lead)]) != self.lead:
+                k = self.lead[0] if self.device_axis else 1
+                layout = "(n_devices, per_device, ...)"
+                fix = "reshape a local batch with `eqx_steps.shard(batch)`."
+                if self.device_axis:
+                    layout = f"(steps_per_call={k}, n_devices, per_device, ...)"
+                    fix = fix[:-1] + f" and stack {k} of them on a new leading axis."
+                raise ValueError(
+                    f"`batch[{name!r}]` has shape {shape}, expected leading axes "
+                    f"{self.lead} = {layout} for the {self.lead[-1]} devices of this "
+                    f"process in the step's mesh; {fix}"
+                )
+
+    def batch(self, batch: Any) -> dict[str, jax.Array]:
+        """The batch on the mesh's devices (arrays already there are kept)."""
+        sharding = self.batch_sharding
+        if self._one_process:
+            return {
+                k: x
+                if isinstance(x, jax.Array) and x.sharding == sharding
+                else jax.device_put(x, sharding)
+                for k, x in batch.items()
+            }
+        out = {}
+        n = self.mesh.devices.size
+        for k, x in batch.items():
+            shape = list(np.shape(x))
+            shape[self.device_axis] = n
+            out[k] = jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+        return out
+
+    def state(self, leaves: list[Any], *, copy: bool) -> list[jax.Array]:
+        """The state's arrays replicated on every device of the mesh.
+
+        With `copy`, every array is copied even if already in place, so that a
+        donating step only ever consumes buffers this library made (never, say,
+        the arrays of the model the user built the state from).
+        """
+        sharding = self.state_sharding
+        if not self._one_process:
+            return [
+                jax.make_array_from_process_local_data(sharding, np.asarray(x))
+                for x in leaves
+            ]
+        # device_put(may_alias=False) still shares the first device's buffer
+        # (jax 0.10.2); an explicit copy does not.
+        return [
+            x
+            if not copy and isinstance(x, jax.Array) and x.sharding == sharding
+            else jax.device_put(jnp.array(x, copy=True), sharding)
+            for x in leaves
+        ]

@@ -1,0 +1,125 @@
+"""SCICO-style helpers for users' own pmaps: replicate, unreplicate, shard, sync.
+
+The parallel steps of this library need none of them: they take an ordinary
+state and place it themselves. `shard` also serves them: it gives a local batch
+the leading device axis they expect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+from jaxtyping import PyTree
+
+from .._validate import check_divisible
+from ..state import DEVICE_AXIS, TrainState
+from ._mesh import check_devices, device_mesh
+
+
+def replicate(tree: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
+    """Give every array leaf a leading device axis, one copy per device.
+
+    For users' own `eqx.filter_pmap`/`jax.pmap` loops, as SCICO's `replicate`;
+    the parallel steps of this library do not need it (and refuse a replicated
+    state). Non-array leaves are left as they are.
+
+    **Arguments:**
+
+    - `tree`: any PyTree, e.g. a `TrainState`.
+    - `devices`: the devices to replicate onto (default: all local devices).
+
+    **Returns:**
+
+    The PyTree with each array leaf of shape `(n_devices, *shape)`, laid out one
+    slice per device.
+    """
+    mesh = device_mesh(devices)
+    n = mesh.devices.size
+    sharding = NamedSharding(mesh, P(DEVICE_AXIS))
+
+    def rep(x):
+        if not eqx.is_array(x):
+            return x
+        x = jnp.asarray(x)
+        return jax.device_put(jnp.broadcast_to(x[None], (n, *x.shape)), sharding)
+
+    return jax.tree_util.tree_map(rep, tree)
+
+
+def unreplicate(tree: PyTree) -> PyTree:
+    """Take the first device's copy of every array leaf (undo `replicate`).
+
+    **Arguments:**
+
+    - `tree`: a PyTree whose array leaves have a leading device axis.
+
+    **Returns:**
+
+    The PyTree without the leading device axis.
+    """
+    return jax.tree_util.tree_map(lambda x: x[0] if eqx.is_array(x) else x, tree)
+
+
+def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
+    """Reshape a local batch `(local_batch, ...)` to `(n_devices, per_device, ...)`.
+
+    **Arguments:**
+
+    - `batch`: a PyTree of arrays with equal leading size, divisible by the number
+        of devices.
+    - `devices`: the devices the batch is for (default: all local devices); only
+        their number matters.
+
+    **Returns:**
+
+    The same PyTree with each leaf reshaped to `(n_devices, per_device, ...)`.
+    """
+    if devices is None:
+        n, what = jax.local_device_count(), "local devices"
+    else:
+        n, what = len(check_devices("devices", devices)), "devices"
+
+    def split(path, x):
+        name = f"batch{jax.tree_util.keystr(path)}.shape[0]"
+        if x.ndim == 0:
+            raise ValueError(
+                f"`batch{jax.tree_util.keystr(path)}` is a scalar; every leaf of a "
+                "batch needs a leading batch axis."
+            )
+        check_divisible(name, x.shape[0], n, what)
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    return jax.tree_util.tree_map_with_path(split, batch)
+
+
+def sync_model_state(replicated_state: TrainState) -> TrainState:
+    """Average the floating-point leaves of `model_state` over the device axis.
+
+    For a state replicated with [`eqx_steps.replicate`][] and trained with a user's
+    own pmap (SCICO's `sync_batch_stats`). The parallel steps of this library do
+    this inside every step, so their states never need it.
+
+    **Arguments:**
+
+    - `replicated_state`: a `TrainState` whose array leaves carry a leading device
+        axis.
+
+    **Returns:**
+
+    The state with each floating leaf of `model_state` replaced by its mean over
+    the devices (still one copy per device).
+    """
+
+    def mean(x):
+        if not eqx.is_inexact_array(x):
+            return x
+        m = jnp.broadcast_to(jnp.mean(x, axis=0, keepdims=True), x.shape)
+        return jax.device_put(m, x.sharding) if isinstance(x, jax.Array) else m
+
+    model_state = jax.tree_util.tree_map(mean, replicated_state.model_state)
+    return replicated_state.replace(model_state=model_state)
