@@ -6,11 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from . import evaluate, info, train
+from . import denoise, evaluate, info, train
 from ._errors import one_line, UsageError
 
 
-COMMANDS = (train, evaluate, info)
+COMMANDS = (train, evaluate, info, denoise)
 """The command modules, in the order of `--help`; each has `add_parser` and `run`."""
 
 
@@ -38,7 +38,8 @@ def build_parser(prog: str = "eqx-steps") -> argparse.ArgumentParser:
     parser = _Parser(
         prog=prog,
         description="Train an Equinox image denoiser on synthetic data or your own "
-        "images on every local device, evaluate it, inspect a run.",
+        "images on every local device, evaluate it, inspect a run, denoise an image "
+        "file (with SCICO's pretrained DnCNN or a trained run).",
         formatter_class=_formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
