@@ -10,6 +10,7 @@ centres are put back together. `add_noise` makes a seeded noisy test image;
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import equinox as eqx
@@ -169,6 +170,7 @@ def denoise_image(
     tile: int | None = 512,
     overlap: int | None = None,
     forward: Callable = per_example,
+    progress: Callable[[int, int], object] | None = None,
 ) -> Float[np.ndarray, "height width *channels"]:
     """Denoise a grayscale or colour image with a denoiser model, tile by tile.
 
@@ -219,6 +221,8 @@ def denoise_image(
         receptive-field radius for a `DnCNN`, 32 pixels for other models.
     - `forward`: how the model is applied to a batch, as `TrainState.forward`
         (default `eqx_steps.per_example`).
+    - `progress`: called as `progress(done, total)` after each tile (e.g. to move
+        a progress bar), or `None`.
 
     **Returns:**
 
@@ -241,9 +245,18 @@ def denoise_image(
     overlap = check_int("overlap", overlap, minimum=0)
     inputs, keep = _model_inputs(array.astype(_model_dtype(model)), channels, sigma)
 
+    total = len(inputs) * math.prod(
+        len(_axis_tiles(n, tile, overlap)[2]) for n in array.shape[:2]
+    )
+    done = 0
+
     def apply(window: np.ndarray) -> np.ndarray:
-        y = _apply_one(forward, model, model_state, jnp.asarray(window))
-        return np.asarray(y)[..., keep]
+        nonlocal done
+        y = np.asarray(_apply_one(forward, model, model_state, jnp.asarray(window)))
+        done += 1
+        if progress is not None:
+            progress(done, total)
+        return y[..., keep]
 
     out = np.concatenate([_tiled(apply, x, tile, overlap) for x in inputs], -1)
     return out.reshape(array.shape)

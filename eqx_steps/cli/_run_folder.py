@@ -130,7 +130,7 @@ def write_curves(run_dir: str, history: Any) -> None:
         history.plot(os.path.join(run_dir, CURVES_FILE))
 
 
-def _show(ax: Any, image: np.ndarray, title: str) -> None:
+def show_image(ax: Any, image: np.ndarray, title: str) -> None:
     image = np.clip(np.asarray(image), 0, 1)
     gray = image.shape[-1] == 1
     ax.imshow(
@@ -171,9 +171,9 @@ def write_samples(
     axes = fig.subplots(len(rows), 3, squeeze=False)
     snr_in, snr_out = snrs
     for r, i in enumerate(rows):
-        _show(axes[r][0], test_ds["label"][i], f"clean #{i}")
-        _show(axes[r][1], test_ds["image"][i], f"noisy: {snr_in[i]:.1f} dB")
-        _show(axes[r][2], output[i], f"denoised: {snr_out[i]:.1f} dB")
+        show_image(axes[r][0], test_ds["label"][i], f"clean #{i}")
+        show_image(axes[r][1], test_ds["image"][i], f"noisy: {snr_in[i]:.1f} dB")
+        show_image(axes[r][2], output[i], f"denoised: {snr_out[i]:.1f} dB")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -227,7 +227,7 @@ def write_comparison(path: str, panels: list[tuple[np.ndarray, str]]) -> None:
     """
     from matplotlib.figure import Figure
 
-    from ._run_folder import _show
+    from ._run_folder import show_image
 
     shown = [(_display_size(image), title) for image, title in panels]
     h, w = shown[0][0].shape[:2]
@@ -237,7 +237,7 @@ def write_comparison(path: str, panels: list[tuple[np.ndarray, str]]) -> None:
     for i, (image, title) in enumerate(shown):
         left = (margin + i * (w + margin)) / width
         ax = fig.add_axes((left, margin / height, w / width, h / height))
-        _show(ax, image, title)
+        show_image(ax, image, title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     atomic_write(path, buf.getvalue())
@@ -278,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
 
     if not backends_started():
         configure_xla_flags()  # the faster XLA:CPU convolutions; one device is used
-    from ..denoise import add_noise, denoise_image
+    from ..denoise import add_noise
 
     model, model_state, name = (
         _pretrained(args.variant)
@@ -292,7 +292,7 @@ def run(args: argparse.Namespace) -> int:
         noisy = add_noise(original, args.noise, args.seed)
     start = time.perf_counter()
     with reported():
-        denoised = denoise_image(model, model_state, noisy, sigma=sigma, tile=tile)
+        denoised = _denoise_with_bar(model, model_state, noisy, sigma, tile)
     seconds = time.perf_counter() - start
     with reported("--out: "):
         write_image(out, denoised)
@@ -313,3 +313,24 @@ def run(args: argparse.Namespace) -> int:
     write_comparison(compare, panels)
     print(f"  denoised in {seconds:.1f} s; wrote {out} and {compare}")
     return 0
+
+
+def _denoise_with_bar(model: Any, model_state: Any, image: Any, sigma, tile) -> Any:
+    """`denoise_image` with a progress bar over its tiles (on stderr)."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    from ..denoise import denoise_image
+
+    # disable=None: no bar when stderr is not a terminal (logs, pipes, tests).
+    bar = tqdm(desc="denoise", unit="tile", file=sys.stderr, leave=False, disable=None)
+    with bar:
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        return denoise_image(
+            model, model_state, image, sigma=sigma, tile=tile, progress=progress
+        )
