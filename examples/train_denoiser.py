@@ -91,9 +91,16 @@ def report(images: dict[str, np.ndarray]) -> dict[str, tuple[float, float]]:
 # --8<-- [end:photo]
 
 
-def save_picture(images: dict[str, np.ndarray], path, crop: int | None = 256) -> None:
-    """The images side by side (their top-left `crop` x `crop` pixels), as a PNG."""
-    tiles = [np.clip(im[:crop, :crop], 0, 1) for im in images.values()]
+def save_picture(
+    images: dict[str, np.ndarray], path, top: int = 170, left: int = 70, size=192
+) -> None:
+    """A `size` x `size` window of the images (at `top`, `left`: kodim23's
+    macaw head; moved and shrunk to fit a smaller image), side by side, as a PNG."""
+    height, width = images["clean"].shape[:2]
+    size = min(size, height, width)
+    top, left = min(top, height - size), min(left, width - size)
+    window = (slice(top, top + size), slice(left, left + size))
+    tiles = [np.clip(im[window], 0, 1) for im in images.values()]
     gap = np.ones((tiles[0].shape[0], 4, tiles[0].shape[2]), np.float32)
     row = np.concatenate([t for tile in tiles for t in (tile, gap)][:-1], axis=1)
     es.images.write_image(path, row)
