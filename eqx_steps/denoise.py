@@ -218,7 +218,7 @@ def denoise_image(
     - `overlap`: the context added on each side of a tile; `None` (default): the
         receptive-field radius for a `DnCNN`, 32 pixels for other models.
     - `forward`: how the model is applied to a batch, as `TrainState.forward`
-        (default `eqx_steps.per_example`).
+        (default [`eqx_steps.per_example`][]).
 
     **Returns:**
 

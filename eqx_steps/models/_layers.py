@@ -109,8 +109,8 @@ class ChannelsLastConv2d(eqx.nn.Conv):
             `"REFLECT"` or `"REPLICATE"`; the amount is always Flax's `"SAME"`-like
             `((k - 1) // 2, k // 2)`.
         - `weight_init`: `init(key, shape, dtype)` for the `(out, in, kh, kw)`
-            weight, e.g. `eqx_steps.models.he_normal` (SCICO's `kaiming_normal()`)
-            or `eqx_steps.models.glorot_normal` (SCICO's `xavier_normal()`).
+            weight, e.g. [`eqx_steps.models.he_normal`][] (SCICO's `kaiming_normal()`)
+            or [`eqx_steps.models.glorot_normal`][] (SCICO's `xavier_normal()`).
             Defaults to Flax's default, LeCun normal.
         - `dtype`: the dtype of the parameters; defaults to `float32` (or
             `float64` with 64-bit JAX).
