@@ -184,33 +184,76 @@ def _case_name(group: str, label: str, n_library: int) -> str:
     return name
 
 
+def case_rows(groups: dict):
+    """`(devices, runs, case name, record, baseline, ratio)` for the newest
+    measurement of every case, in the order of the table."""
+    for (devices, group), runs in sorted(
+        groups.items(), key=lambda kv: (kv[0][1].split("-")[0], kv[0][1], kv[0][0])
+    ):
+        rows = latest(runs)
+        n_library = sum(
+            b["extra_info"]["role"] != "reference" for b, _, _ in rows.values()
+        )
+        for label, (b, base, ratio) in rows.items():
+            yield devices, runs, _case_name(group, label, n_library), b, base, ratio
+
+
 def steps_table(groups: dict, tolerance: float) -> list[str]:
     lines = [
         "| case | devices | library / step | baseline / step | ratio "
         "| first call lib / base | peak RSS lib / base | stable |",
         "|---|---:|---:|---:|---:|---:|---:|:-:|",
     ]
-    for (devices, group), runs in sorted(
-        groups.items(), key=lambda kv: (kv[0][1].split("-")[0], kv[0][1], kv[0][0])
-    ):
+    for devices, runs, name, b, base, ratio in case_rows(groups):
         ok = "yes" if stable(runs, tolerance) else f"no ({len(runs)} runs)"
-        rows = latest(runs)
-        n_library = sum(
-            b["extra_info"]["role"] != "reference" for b, _, _ in rows.values()
+        info, binfo = b["extra_info"], base["extra_info"]
+        lines.append(
+            f"| {name} | {devices} "
+            f"| {fmt_time(per_step(b, STAT))} "
+            f"| {fmt_time(base_per_step(b, base))} ({binfo['label']}) "
+            f"| {ratio:.3f} "
+            f"| {info['first_call_s']:.2f} / {binfo['first_call_s']:.2f} s "
+            f"| {info.get('peak_rss_mb', 0):.0f} / "
+            f"{binfo.get('peak_rss_mb', 0):.0f} MB "
+            f"| {'once' if info['role'] == 'sweep' else ok} |"
         )
-        for label, (b, base, ratio) in rows.items():
-            info, binfo = b["extra_info"], base["extra_info"]
-            lines.append(
-                f"| {_case_name(group, label, n_library)} | {devices} "
-                f"| {fmt_time(per_step(b, STAT))} "
-                f"| {fmt_time(base_per_step(b, base))} ({binfo['label']}) "
-                f"| {ratio:.3f} "
-                f"| {info['first_call_s']:.2f} / {binfo['first_call_s']:.2f} s "
-                f"| {info.get('peak_rss_mb', 0):.0f} / "
-                f"{binfo.get('peak_rss_mb', 0):.0f} MB "
-                f"| {'once' if info['role'] == 'sweep' else ok} |"
-            )
     return lines
+
+
+def ratio_chart(groups: dict, path: str) -> None:
+    """Draw the ratios of the library cases (not the reference rows or the unroll
+    sweep) as horizontal bars, one per device count, and write them to the PNG
+    `path` (through a temporary file, so a reader never sees half a picture)."""
+    from matplotlib.figure import Figure
+
+    ratios_by_case = defaultdict(dict)
+    for devices, _, name, b, _, ratio in case_rows(groups):
+        if b["extra_info"]["role"] == "library":
+            ratios_by_case[name][devices] = ratio
+    cases = list(ratios_by_case)
+    counts = sorted({d for r in ratios_by_case.values() for d in r})
+    height = 0.8 / max(len(counts), 1)
+    fig = Figure(figsize=(8, 0.32 * len(cases) * len(counts) + 1.4))
+    ax = fig.subplots()
+    for i, devices in enumerate(counts):
+        values = [ratios_by_case[c].get(devices, float("nan")) for c in cases]
+        ys = [k + i * height for k in range(len(cases))]
+        label = f"{devices} device{'s' * (devices > 1)}"
+        bars = ax.barh(ys, values, height, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_yticks(
+        [k + height * (len(counts) - 1) / 2 for k in range(len(cases))], cases
+    )
+    ax.tick_params(axis="y", labelsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("time per step: library / hand-written JAX (lower is better)")
+    ax.set_xlim(0, 1.12 * max(max(r.values()) for r in ratios_by_case.values()))
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=len(counts))
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
 
 
 def memory_table(records: list[dict]) -> list[str]:
@@ -487,6 +530,12 @@ def main(argv=None) -> None:
     p.add_argument("--out-dir", default=os.path.join(ROOT, ".benchmarks", "report"))
     p.add_argument("--from-json", nargs="+", metavar="FILE", help="report these runs")
     p.add_argument("--update-doc", metavar="MD", help="replace the report block in MD")
+    p.add_argument(
+        "--chart",
+        metavar="PNG",
+        help="write the ratios as a bar chart (default with --update-doc: "
+        "benchmark-ratios.png beside MD)",
+    )
     p.add_argument("-k", dest="keyword", help="pytest -k expression (a subset)")
     p.add_argument(
         "--no-memory", action="store_true", help="leave out the memory benchmark"
@@ -532,6 +581,12 @@ def main(argv=None) -> None:
     print(text)
     if args.update_doc:
         update_doc(args.update_doc, text)
+    chart = args.chart or (
+        args.update_doc
+        and os.path.join(os.path.dirname(args.update_doc), "benchmark-ratios.png")
+    )
+    if chart:
+        ratio_chart(step_groups(records), chart)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ from .checkpoint import (
     load_model as load_model,
     save_model as save_model,
 )
-from .data import create_input_iter as create_input_iter, IterateData as IterateData
+from .data import (
+    create_input_iter as create_input_iter,
+    DeviceIter as DeviceIter,
+    IterateData as IterateData,
+)
 from .evaluate import evaluate_dataset as evaluate_dataset
 from .losses import cross_entropy_loss as cross_entropy_loss, mse_loss as mse_loss
 from .metrics import (

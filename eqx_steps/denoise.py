@@ -220,7 +220,7 @@ def denoise_image(
     - `overlap`: the context added on each side of a tile; `None` (default): the
         receptive-field radius for a `DnCNN`, 32 pixels for other models.
     - `forward`: how the model is applied to a batch, as `TrainState.forward`
-        (default `eqx_steps.per_example`).
+        (default [`eqx_steps.per_example`][]).
     - `progress`: called as `progress(done, total)` after each tile (e.g. to move
         a progress bar), or `None`.
 

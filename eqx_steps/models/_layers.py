@@ -70,7 +70,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
 class ChannelsLastConv2d(eqx.nn.Conv):
     """A 2-D convolution of one channels-last example, initialised as in Flax.
 
-    A subclass of [`equinox.nn.Conv`][] (so anything that handles Equinox
+    A subclass of `equinox.nn.Conv` (so anything that handles Equinox
     convolutions, such as `eqx_steps.spectral_normalization_conv`, handles it):
     the weight is stored `(out_channels, in_channels, kh, kw)` as Equinox keeps
     it, but the input and output are `(height, width, channels)`, as in Flax's
@@ -109,8 +109,8 @@ class ChannelsLastConv2d(eqx.nn.Conv):
             `"REFLECT"` or `"REPLICATE"`; the amount is always Flax's `"SAME"`-like
             `((k - 1) // 2, k // 2)`.
         - `weight_init`: `init(key, shape, dtype)` for the `(out, in, kh, kw)`
-            weight, e.g. `eqx_steps.models.he_normal` (SCICO's `kaiming_normal()`)
-            or `eqx_steps.models.glorot_normal` (SCICO's `xavier_normal()`).
+            weight, e.g. [`eqx_steps.models.he_normal`][] (SCICO's `kaiming_normal()`)
+            or [`eqx_steps.models.glorot_normal`][] (SCICO's `xavier_normal()`).
             Defaults to Flax's default, LeCun normal.
         - `dtype`: the dtype of the parameters; defaults to `float32` (or
             `float64` with 64-bit JAX).
@@ -187,11 +187,11 @@ class ChannelsLastConv2d(eqx.nn.Conv):
 
 
 class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
-    """[`equinox.nn.BatchNorm`][] for channels-last input `(..., channels)`.
+    """`equinox.nn.BatchNorm` for channels-last input `(..., channels)`.
 
     Equinox's batch norm (same parameters `weight` and `bias`, same running
     statistics in the `eqx.nn.State`, same `inference` flag for
-    [`equinox.nn.inference_mode`][], same zero-debiased running statistics in
+    `equinox.nn.inference_mode`, same zero-debiased running statistics in
     inference) with the channel axis last, as in Flax's `nn.BatchNorm`.
     Statistics are computed over the spatial axes and over the named batch axis
     `axis_name`.
@@ -231,7 +231,7 @@ class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
             library's per-example `vmap`, `("device", "batch")` for statistics
             synchronised across devices.
         - `eps`, `channelwise_affine`, `momentum`, `inference`, `dtype`, `mode`:
-            as for [`equinox.nn.BatchNorm`][].
+            as for `equinox.nn.BatchNorm`.
         - `fast_variance`: compute the batch variance in one pass, as Flax does
             (`mode="batch"` only; `mode="ema"` is Equinox's code unchanged).
         """

@@ -255,7 +255,7 @@ def load_scico_dncnn(variant_or_path: str | os.PathLike) -> tuple[DnCNN, eqx.nn.
     The variant "6N" takes two channels, the noisy image and a constant plane
     holding the noise standard deviation, and its first output channel is the
     denoised image (SCICO's `DnCNN("6N")(x, sigma)`); the others take and return
-    one channel. `eqx_steps.denoise.denoise_image` handles both, colour images and
+    one channel. [`eqx_steps.denoise.denoise_image`][] handles both, colour images and
     large images.
 
     !!! example
