@@ -21,7 +21,9 @@ def make(width=4, depth=1, seed=0, bn=True):
         mlp = eqx.nn.MLP(2, 3, width, depth, key=jax.random.key(0))
         if not bn:
             return mlp, None
-        norm, model_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(3, "batch", mode="batch")
+        norm, model_state = eqx.nn.make_with_state(eqx.nn.BatchNorm)(
+            3, "batch", mode="batch"
+        )
         return (mlp, norm), model_state
 
     rng = np.random.default_rng(seed)
