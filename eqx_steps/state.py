@@ -12,8 +12,11 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import jax.tree_util as jtu
+import numpy as np
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
+
+from .schedules import as_schedule
 
 
 BATCH_AXIS = "batch"
@@ -59,6 +62,13 @@ class _MeshSafeState(eqx.nn.State):
     def set(self, item: eqx.nn.StateIndex, value: Any) -> eqx.nn.State:
         old = self.get(item)
         value = jtu.tree_map(jnp.asarray, value)
+        if _layout(old) != _layout(value):
+            raise ValueError(
+                f"`model_state` does not belong to `model`: its entry "
+                f"{str(item.marker)!r} holds {_describe(old)} but the layer writes "
+                f"{_describe(value)} (was the state made for a model of other "
+                f"sizes?); pass the state built with this model: {_MAKE_WITH_STATE}."
+            )
         if jtu.tree_structure(old) == jtu.tree_structure(value):
             value = jtu.tree_map(_like_old, old, value)
         return _as_state(super().set(item, value), _MeshSafeState)
@@ -69,6 +79,15 @@ class _MeshSafeState(eqx.nn.State):
     def update(self, substate: eqx.nn.State) -> eqx.nn.State:
         plain = _as_state(substate, eqx.nn.State)
         return _as_state(super().update(plain), _MeshSafeState)
+
+
+def _layout(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+
+def _describe(tree: PyTree) -> str:
+    return ", ".join(f"{d}{list(s)}" for s, d in _layout(tree)[1]) or "nothing"
 
 
 def _as_state(state: Any, cls: type[eqx.nn.State]) -> Any:
@@ -163,6 +182,110 @@ def whole_batch(
     return _call(model, x, key, model_state)
 
 
+# --- Checks at the boundary: does this model_state belong to this model? ---------
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, eqx.nn.StateIndex)
+
+
+def state_markers(model: PyTree) -> list[Any]:
+    """The markers of the stateful layers of `model` (its `eqx.nn.StateIndex`es).
+
+    An `eqx.nn.State` made with the model (`eqx.nn.make_with_state`) holds exactly
+    one entry per marker.
+    """
+    leaves = jtu.tree_leaves(model, is_leaf=_is_index)
+    return [x.marker for x in leaves if _is_index(x)]
+
+
+def _listed(items: list[Any], limit: int = 3) -> str:
+    shown = ", ".join(repr(str(x)) for x in items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+_MAKE_WITH_STATE = (
+    "`model, model_state = eqx.nn.make_with_state(Model)(...)`, then pass both"
+)
+
+
+def check_model_state(
+    model: PyTree, model_state: Any, name: str = "model_state"
+) -> None:
+    """Raise unless `model_state` is the `eqx.nn.State` of `model`'s stateful layers.
+
+    Compares the model's `eqx.nn.StateIndex` markers with the entries of the state
+    (the cheap part of what `eqx.nn.State.get` relies on; shapes are checked when
+    a layer writes its state, see `_MeshSafeState.set`).
+
+    **Raises:**
+
+    `TypeError` when `model_state` is neither `None` nor an `eqx.nn.State`;
+    `ValueError` when it is `None` and the model has stateful layers (e.g.
+    `eqx.nn.BatchNorm`), or when its entries are not those of the model's layers.
+    """
+    markers = state_markers(model)
+    if model_state is None:
+        if markers:
+            raise ValueError(
+                f"`{name}` is None but `model` has {len(markers)} layer(s) that keep "
+                f"a state (e.g. eqx.nn.BatchNorm: {_listed(markers, 1)}); pass the "
+                f"state built with the model: {_MAKE_WITH_STATE}."
+            )
+        return
+    if not isinstance(model_state, eqx.nn.State):
+        raise TypeError(
+            f"`{name}` must be an eqx.nn.State or None, got "
+            f"{type(model_state).__name__}; build it with {_MAKE_WITH_STATE}."
+        )
+    _, keys = model_state.tree_flatten()
+    missing = [m for m in markers if m not in keys]
+    extra = [k for k in keys if k not in markers]
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"lacks the entries of the layers {_listed(missing)}")
+        if extra:
+            parts.append(f"has entries {_listed(extra)} that no layer of `model` uses")
+        raise ValueError(
+            f"`{name}` does not belong to `model`: it {' and '.join(parts)} (was it "
+            "made for another model, e.g. of another depth?); pass the state built "
+            f"with this model: {_MAKE_WITH_STATE}."
+        )
+
+
+def _array_leaves(tree: PyTree) -> list[tuple[str, tuple[int, ...], Any]]:
+    """`(path, shape, dtype)` of each array (or `ShapeDtypeStruct`) leaf."""
+    out = []
+    for path, x in jtu.tree_flatten_with_path(tree)[0]:
+        if isinstance(x, (jax.Array, jax.ShapeDtypeStruct, np.ndarray, np.generic)):
+            out.append((jtu.keystr(path), tuple(x.shape), jnp.dtype(x.dtype)))
+    return out
+
+
+def check_same_arrays(name: str, old: PyTree, new: PyTree) -> None:
+    """Raise `ValueError` naming the first array leaf of `new` whose path, shape or
+    dtype differs from `old`'s (static fields may differ)."""
+    a, b = _array_leaves(old), _array_leaves(new)
+    if a == b:
+        return
+    for (pa, sa, da), (pb, sb, db) in zip(a, b):
+        if (pa, sa, da) != (pb, sb, db):
+            what = (
+                f"leaf {name}{pb} has shape {sb} and dtype {db}, where the state "
+                f"has {name}{pa} of shape {sa} and dtype {da}"
+            )
+            break
+    else:
+        what = f"it has {len(b)} array leaves where the state has {len(a)}"
+    raise ValueError(
+        f"`{name}` passed to TrainState.replace has other arrays than the state's: "
+        f"{what}. The optimizer state and compiled steps are built for the old "
+        f"shapes: pass a `{name}` of the same structure, shapes and dtypes, or "
+        "build a new state with `TrainState.create`."
+    )
+
+
 class TrainState(eqx.Module):
     """Everything that changes during training, as one immutable PyTree.
 
@@ -225,6 +348,13 @@ class TrainState(eqx.Module):
             )
         if not callable(forward):
             raise TypeError(f"`forward` must be callable, got {forward!r}.")
+        if forward in (per_example, whole_batch) and not callable(model):
+            raise TypeError(
+                f"`model` must be callable (an Equinox module with `__call__`), got "
+                f"{type(model).__name__}; pass the model itself (not, e.g., its "
+                "parameters), or a `forward` that knows how to apply it."
+            )
+        check_model_state(model, model_state)
         if key is not None and not (
             isinstance(key, jax.Array)
             and (
@@ -275,6 +405,10 @@ class TrainState(eqx.Module):
     def replace(self, **changes: Any) -> TrainState:
         """A copy of this state with the given fields replaced.
 
+        A new `model` must have the arrays of the old one (same paths, shapes and
+        dtypes: the optimizer state and the compiled steps are built for them), and
+        `model_state` must belong to the model.
+
         **Arguments:**
 
         - `**changes`: field names and their new values.
@@ -282,7 +416,19 @@ class TrainState(eqx.Module):
         **Returns:**
 
         The new state.
+
+        **Raises:**
+
+        `ValueError` naming the first leaf of `model` that differs, or the entries
+        of `model_state` that do not belong to the model.
         """
+        if "model" in changes:
+            check_same_arrays("model", self.model, changes["model"])
+        if "model" in changes or "model_state" in changes:
+            check_model_state(
+                changes.get("model", self.model),
+                changes.get("model_state", self.model_state),
+            )
         return dataclasses.replace(self, **changes)
 
 
@@ -329,6 +475,12 @@ def create_basic_train_state(
     An error that is both a `ValueError` and a `NotImplementedError` (as SCICO
     raises) for an unknown `config["opt_type"]`.
     """
+    if learning_rate_fn is None:
+        raise TypeError(
+            "`learning_rate_fn` is None; pass a schedule (a function step -> learning "
+            "rate) or a number."
+        )
+    as_schedule(learning_rate_fn)  # checked; optax takes a number as it is
     opt_type = config.get("opt_type", "ADAM")
     if opt_type == "SGD":
         if config.get("momentum") is not None:
