@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -199,6 +199,24 @@ def state_markers(model: PyTree) -> list[Any]:
     return [x.marker for x in leaves if _is_index(x)]
 
 
+def _batch_norm_sizes(model: PyTree, model_state: eqx.nn.State) -> Iterator[str]:
+    """A description of each `eqx.nn.BatchNorm` whose statistics in `model_state`
+    are not of its `input_size` (a state made for a model of other widths)."""
+    is_bn = lambda x: isinstance(x, eqx.nn.BatchNorm)  # noqa: E731
+    for layer in jtu.tree_leaves(model, is_leaf=is_bn):
+        if not is_bn(layer):
+            continue
+        for index in (layer.ema_state_index, layer.batch_state_index):
+            if index is None:
+                continue
+            shapes = [jnp.shape(x) for x in jtu.tree_leaves(model_state.get(index))]
+            if any(shape != (layer.input_size,) for shape in shapes):
+                yield (
+                    f"entry {str(index.marker)!r} holds statistics of shapes "
+                    f"{shapes} for a BatchNorm of {layer.input_size} channels"
+                )
+
+
 def _listed(items: list[Any], limit: int = 3) -> str:
     shown = ", ".join(repr(str(x)) for x in items[:limit])
     return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
@@ -251,6 +269,12 @@ def check_model_state(
             f"`{name}` does not belong to `model`: it {' and '.join(parts)} (was it "
             "made for another model, e.g. of another depth?); pass the state built "
             f"with this model: {_MAKE_WITH_STATE}."
+        )
+    for wrong in _batch_norm_sizes(model, model_state):
+        raise ValueError(
+            f"`{name}` does not belong to `model`: its {wrong} (was it made for a "
+            "model of other sizes?); pass the state built with this model: "
+            f"{_MAKE_WITH_STATE}."
         )
 
 
