@@ -28,7 +28,14 @@ from .checkpoint import checkpoint_restore
 from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
 from .state import check_model_state, DEVICE_AXIS, TrainState
-from .steps import AxisName, Batch, check_inputs, Criterion, MetricsFn
+from .steps import (
+    apply_forward,
+    AxisName,
+    Batch,
+    check_inputs,
+    Criterion,
+    MetricsFn,
+)
 from .trainer import TrainConfig
 
 
@@ -165,9 +172,7 @@ def _output_step(
     `{"output": outputs}`, the leading axis the examples of the whole batch.
     """
     check_inputs(state, batch)
-    output, _ = state.forward(
-        state.model, state.model_state, batch["image"], inference=True
-    )
+    output, _ = apply_forward(state, state.model, batch["image"], inference=True)
     if axis_name is not None:
         output = jax.tree_util.tree_map(
             lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output

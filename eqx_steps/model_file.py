@@ -198,7 +198,6 @@ def load_model(
         ) from e
     if f.read(1):
         raise ValueError(
-            f"model file {str(file)!r} holds more leaves than the given template; "
-            f"{fix}"
+            f"model file {str(file)!r} holds more leaves than the given template; {fix}"
         )
     return out

@@ -63,7 +63,7 @@ class _MeshSafeState(eqx.nn.State):
         old = self.get(item)
         value = jtu.tree_map(jnp.asarray, value)
         if _layout(old) != _layout(value):
-            raise ValueError(
+            raise ModelStateError(
                 f"`model_state` does not belong to `model`: its entry "
                 f"{str(item.marker)!r} holds {_describe(old)} but the layer writes "
                 f"{_describe(value)} (was the state made for a model of other "
@@ -79,6 +79,10 @@ class _MeshSafeState(eqx.nn.State):
     def update(self, substate: eqx.nn.State) -> eqx.nn.State:
         plain = _as_state(substate, eqx.nn.State)
         return _as_state(super().update(plain), _MeshSafeState)
+
+
+class ModelStateError(ValueError):
+    """A `model_state` that does not belong to the model, found while tracing it."""
 
 
 def _layout(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:

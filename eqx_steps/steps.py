@@ -19,7 +19,13 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from .schedules import as_schedule
-from .state import check_model_state, per_example, TrainState, whole_batch
+from .state import (
+    check_model_state,
+    ModelStateError,
+    per_example,
+    TrainState,
+    whole_batch,
+)
 
 
 AxisName = Hashable | Sequence[Hashable] | None
@@ -113,6 +119,32 @@ def check_inputs(state: TrainState, batch: Batch) -> None:
                 f"build the model in {dtype} (with x64 on, Equinox layers default to "
                 "float64)."
             )
+
+
+def _describe(x: PyTree) -> str:
+    leaves = jax.tree_util.tree_leaves(x)
+    return ", ".join(f"{jnp.result_type(a)}{list(jnp.shape(a))}" for a in leaves)
+
+
+def apply_forward(
+    state: TrainState, model: PyTree, x: PyTree, **kwargs: Any
+) -> tuple[PyTree, eqx.nn.State | None]:
+    """`state.forward(model, state.model_state, x, **kwargs)`, naming the batch when
+    the model cannot take it (an error raised while tracing the model, e.g. a
+    shape mismatch inside a layer). Runs when a step is traced: no cost per call.
+    """
+    try:
+        return state.forward(model, state.model_state, x, **kwargs)
+    except ModelStateError:
+        raise
+    except (TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"the model cannot take `batch['image']` of {_describe(x)} (per device) "
+            f"({type(e).__name__}: {first}); give each example the shape and dtype "
+            "the model takes (channels last, (H, W, C) for the reference models), or "
+            "pass a `forward` that adapts the batch."
+        ) from e
 
 
 def _no_collective(axis_name: AxisName) -> bool:
@@ -223,7 +255,7 @@ def train_step(
 
     def loss_fn(params):
         model = eqx.combine(params, static)
-        output, model_state = state.forward(model, state.model_state, x, key=key)
+        output, model_state = apply_forward(state, model, x, key=key)
         return criterion(output, label), (output, model_state)
 
     (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -339,5 +371,5 @@ def eval_step(
     check_batch(batch)
     check_inputs(state, batch)
     x, label = batch["image"], batch["label"]
-    output, _ = state.forward(state.model, state.model_state, x, inference=True)
+    output, _ = apply_forward(state, state.model, x, inference=True)
     return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
