@@ -18,14 +18,9 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
+from ._model_checks import check_model_state, ModelStateError
 from .schedules import as_schedule
-from .state import (
-    check_model_state,
-    ModelStateError,
-    per_example,
-    TrainState,
-    whole_batch,
-)
+from .state import per_example, TrainState, whole_batch
 
 
 AxisName = Hashable | Sequence[Hashable] | None
