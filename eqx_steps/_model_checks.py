@@ -46,7 +46,9 @@ def _batch_norm_sizes(model: PyTree, model_state: eqx.nn.State) -> Iterator[str]
             if index is None:
                 continue
             shapes = [jnp.shape(x) for x in jtu.tree_leaves(model_state.get(index))]
-            if any(shape != (layer.input_size,) for shape in shapes):
+            # `shape[-1:]`: a state replicated for a user's own pmap has a
+            # leading device axis.
+            if any(shape[-1:] != (layer.input_size,) for shape in shapes):
                 yield (
                     f"entry {str(index.marker)!r} holds statistics of shapes "
                     f"{shapes} for a BatchNorm of {layer.input_size} channels"

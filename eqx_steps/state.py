@@ -249,12 +249,6 @@ class TrainState(eqx.Module):
             )
         if not callable(forward):
             raise TypeError(f"`forward` must be callable, got {forward!r}.")
-        if forward in (per_example, whole_batch) and not callable(model):
-            raise TypeError(
-                f"`model` must be callable (an Equinox module with `__call__`), got "
-                f"{type(model).__name__}; pass the model itself (not, e.g., its "
-                "parameters), or a `forward` that knows how to apply it."
-            )
         check_model_state(model, model_state)
         if key is not None and not (
             isinstance(key, jax.Array)

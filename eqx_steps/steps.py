@@ -87,13 +87,20 @@ def check_inputs(state: TrainState, batch: Batch) -> None:
     """Check what the stock `forward`s hand the model, before it is traced.
 
     With [`eqx_steps.per_example`][] or [`eqx_steps.whole_batch`][] (a custom
-    `forward` may convert its inputs itself): the model's `model_state` belongs
-    to it, and every leaf of `batch["image"]` has a floating dtype, the model's
-    when all of its floating leaves share one (XLA's convolutions refuse mixed
-    dtypes). Runs when a step is traced, so it costs nothing per call.
+    `forward` may convert its inputs itself): the model is callable, its
+    `model_state` belongs to it, and every leaf of `batch["image"]` has a
+    floating dtype, the model's when all of its floating leaves share one (XLA's
+    convolutions refuse mixed dtypes). Runs when a step is traced, so it costs nothing per call.
     """
     if state.forward not in (per_example, whole_batch):
         return
+    if not callable(state.model):
+        raise TypeError(
+            f"`state.model` must be callable (an Equinox module with `__call__`), "
+            f"got {type(state.model).__name__}; pass the model itself to "
+            "TrainState.create (not, e.g., its parameters), or a `forward` that "
+            "knows how to apply it."
+        )
     check_model_state(state.model, state.model_state, "state.model_state")
     dtypes = _model_dtypes(state.model)
     for path, x in jax.tree_util.tree_flatten_with_path(batch["image"])[0]:

@@ -94,9 +94,11 @@ def test_a_custom_forward_gets_the_images_as_they_are():
 
 
 def test_a_model_that_is_not_callable_is_refused():
-    params = {"w": jnp.ones((4, 2))}
-    with pytest.raises(TypeError, match="`model` must be callable.*dict"):
-        es.TrainState.create(params, ADAM)
+    # A state of a non-callable model can be made (e.g. to checkpoint it); the
+    # steps refuse it when they are traced, before compiling.
+    state = es.TrainState.create({"w": jnp.ones((4, 2))}, ADAM)
+    with pytest.raises(TypeError, match="`state.model` must be callable.*dict"):
+        STEP(state, sharded(BATCH))
 
 
 def test_batchnorm_without_model_state_is_refused():
