@@ -90,7 +90,8 @@ def check_inputs(state: TrainState, batch: Batch) -> None:
     `forward` may convert its inputs itself): the model is callable, its
     `model_state` belongs to it, and every leaf of `batch["image"]` has a
     floating dtype, the model's when all of its floating leaves share one (XLA's
-    convolutions refuse mixed dtypes). Runs when a step is traced, so it costs nothing per call.
+    convolutions refuse mixed dtypes). Runs when a step is traced, so it costs
+    nothing per call.
     """
     if state.forward not in (per_example, whole_batch):
         return
