@@ -20,8 +20,6 @@ from .checkpoint import (
     checkpoint_save as checkpoint_save,
     latest_step as latest_step,
     load_config as load_config,
-    load_model as load_model,
-    save_model as save_model,
 )
 from .data import (
     create_input_iter as create_input_iter,
@@ -36,6 +34,7 @@ from .metrics import (
     psnr as psnr,
     snr as snr,
 )
+from .model_file import load_model as load_model, save_model as save_model
 from .parallel import (
     device_mesh as device_mesh,
     NonFiniteStepError as NonFiniteStepError,

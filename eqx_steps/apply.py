@@ -23,19 +23,21 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from ._model_checks import check_model_state
 from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
 from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
 from .state import DEVICE_AXIS, TrainState
-from .steps import AxisName, Batch, Criterion, MetricsFn
+from .steps import (
+    apply_forward,
+    AxisName,
+    Batch,
+    check_inputs,
+    Criterion,
+    MetricsFn,
+)
 from .trainer import TrainConfig
-
-
-def _has_state_layers(model: PyTree) -> bool:
-    """Whether `model` has layers that keep an `eqx.nn.State` (e.g. BatchNorm)."""
-    is_index = lambda x: isinstance(x, eqx.nn.StateIndex)  # noqa: E731
-    return any(map(is_index, jax.tree_util.tree_leaves(model, is_leaf=is_index)))
 
 
 def _checkpoint_folder(
@@ -93,13 +95,7 @@ def restore_state(
     (e.g. `eqx.nn.BatchNorm`) and `model_state` is `None`.
     """
     cfg = TrainConfig.from_dict(config)
-    if model_state is None and _has_state_layers(model):
-        raise ValueError(
-            "`model_state` is None but `model` has layers that keep a state (e.g. "
-            "eqx.nn.BatchNorm); pass the state that was built with the model: "
-            "`model, model_state = eqx.nn.make_with_state(Model)(...)`, then "
-            "`model_state=model_state`."
-        )
+    check_model_state(model, model_state)
     folder = _checkpoint_folder(cfg, workdir, use_checkpoint)
     schedule_config = {**cfg.to_dict(), "steps_per_epoch": 1}
     state = cfg.create_train_state(
@@ -126,6 +122,22 @@ def restore_state(
             flush=True,
         )
     return cfg, state
+
+
+def _check_test_ds(test_ds: Any, keys: tuple[str, ...]) -> None:
+    """`test_ds` a dict with `keys`, holding at least one example."""
+    check_dataset("test_ds", test_ds, keys)
+    images = test_ds["image"]
+    if np.ndim(images) == 0:
+        raise ValueError(
+            "`test_ds['image']` is a scalar; it needs a leading example axis (shape "
+            "(n_examples, ...))."
+        )
+    if np.shape(images)[0] == 0:
+        raise ValueError(
+            f"`test_ds` has no examples (test_ds['image'] has shape "
+            f"{np.shape(images)}); pass at least one example."
+        )
 
 
 def _batch_size(cfg: TrainConfig) -> int:
@@ -160,9 +172,8 @@ def _output_step(
 
     `{"output": outputs}`, the leading axis the examples of the whole batch.
     """
-    output, _ = state.forward(
-        state.model, state.model_state, batch["image"], inference=True
-    )
+    check_inputs(state, batch)
+    output, _ = apply_forward(state, state.model, batch["image"], inference=True)
     if axis_name is not None:
         output = jax.tree_util.tree_map(
             lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output
@@ -220,7 +231,7 @@ def only_apply(
     `FileNotFoundError` when a checkpoint is to be restored and there is none;
     `ValueError` naming `model_state` when the model needs one and it is `None`.
     """
-    check_dataset("test_ds", test_ds, ("image",))
+    _check_test_ds(test_ds, ("image",))
     cfg, state = restore_state(
         config, model, model_state, workdir, use_checkpoint=use_checkpoint
     )
@@ -231,7 +242,7 @@ def only_apply(
         backend=cfg.backend,  # pyright: ignore
     )
     images = test_ds["image"]
-    n = np.shape(images)[0] if np.ndim(images) else 0
+    n = np.shape(images)[0]
     # The parallel step reads a "label": an empty one per example costs nothing.
     data = {"image": images, "label": np.zeros((n, 0), np.float32)}
     it, n_full, with_rest = _eval_iter(data, _batch_size(cfg))
@@ -271,7 +282,7 @@ def only_evaluate(
 
     A dict of metrics.
     """
-    check_dataset("test_ds", test_ds)
+    _check_test_ds(test_ds, ("image", "label"))
     cfg, state = restore_state(
         config, model, model_state, workdir, use_checkpoint=use_checkpoint
     )

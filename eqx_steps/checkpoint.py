@@ -1,4 +1,4 @@
-"""Checkpoints of a `TrainState` (orbax) and export of a trained model (Equinox).
+"""Checkpoints of a `TrainState` (orbax).
 
 `checkpoint_save`/`checkpoint_restore` are SCICO's checkpoint functions for an
 Equinox `TrainState`: an orbax `CheckpointManager` in a work directory keeps the
@@ -11,8 +11,8 @@ structure) come from the `state` given to `checkpoint_restore`, and loading neve
 runs code. This module writes nothing else in the work directory: a run folder's
 other files (such as a command line's own `config.json`) belong to their writers.
 
-`save_model`/`load_model` write and read one file with
-`eqx.tree_serialise_leaves`, for exporting a trained model.
+Exporting a trained model to one file (`save_model`/`load_model`) lives in
+`eqx_steps.model_file`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,6 @@ import orbax.checkpoint as ocp
 from jaxtyping import PyTree
 from orbax.checkpoint.checkpoint_managers import LatestN
 
-from ._io import atomic_write
 from ._validate import check_int
 from .state import TrainState
 
@@ -456,99 +455,3 @@ def load_config(
     if not isinstance(config, dict):
         raise _corrupt(path, step, steps, TypeError("its config is not a JSON object"))
     return config
-
-
-# ---------------------------------------------------------------------------
-# Model export
-
-
-def _serialise(f: Any, x: Any) -> None:
-    if _is_key(x):
-        x = jax.random.key_data(x)
-    eqx.default_serialise_filter_spec(f, x)
-
-
-def _deserialise(f: Any, x: Any) -> Any:
-    if _is_key(x):
-        return jax.random.wrap_key_data(jnp.load(f), impl=_key_impl(x))
-    return eqx.default_deserialise_filter_spec(f, x)
-
-
-def save_model(
-    path: str | os.PathLike, model: PyTree, model_state: eqx.nn.State | None = None
-) -> None:
-    """Write a model (and its state) to one file, for export.
-
-    The leaves of `(model, model_state)` are written with
-    `eqx.tree_serialise_leaves` (NumPy's `.npy` format, no pickle; PRNG keys as
-    their key data) to a temporary file in the same directory, which then replaces
-    `path`: a reader never sees a half-written file. `path` is used as given (no
-    suffix is added).
-
-    **Arguments:**
-
-    - `path`: the file to write; its directory is created if needed.
-    - `model`: the Equinox model (e.g. `state.model`).
-    - `model_state`: its `eqx.nn.State`, or `None`.
-
-    **Returns:**
-
-    Nothing.
-    """
-    file = Path(os.fspath(path))
-    atomic_write(
-        file,
-        lambda f: eqx.tree_serialise_leaves(
-            f, (model, model_state), filter_spec=_serialise
-        ),
-    )
-
-
-def load_model(
-    path: str | os.PathLike, model: PyTree, model_state: eqx.nn.State | None = None
-) -> tuple[PyTree, eqx.nn.State | None]:
-    """Read a model written by `save_model` into the structure of a template.
-
-    **Arguments:**
-
-    - `path`: the file written by [`eqx_steps.save_model`][].
-    - `model`: a model of the same structure, shapes and dtypes (e.g. freshly
-        initialised, or from `eqx.filter_eval_shape`); its values are replaced.
-    - `model_state`: a like-structured `eqx.nn.State`, or `None` if none was
-        saved.
-
-    **Returns:**
-
-    A 2-tuple `(model, model_state)` with the saved values.
-
-    **Raises:**
-
-    - `FileNotFoundError`: `path` does not exist.
-    - `ValueError`: the file holds another structure (or is truncated).
-    """
-    file = Path(os.fspath(path))
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"model file {str(file)!r} does not exist; write one with "
-            "`save_model(path, model, model_state)`."
-        )
-    fix = (
-        "pass a `model` (and `model_state`) built like the saved one: same "
-        "architecture, sizes and dtypes, and a model_state exactly when one was saved."
-    )
-    with open(file, "rb") as f:
-        try:
-            out = eqx.tree_deserialise_leaves(
-                f, (model, model_state), filter_spec=_deserialise
-            )
-        except (RuntimeError, ValueError, EOFError, OSError) as e:
-            raise ValueError(
-                f"model file {str(file)!r} does not match the given template "
-                f"({_short(e)}); {fix}"
-            ) from e
-        if f.read(1):
-            raise ValueError(
-                f"model file {str(file)!r} holds more leaves than the given template; "
-                f"{fix}"
-            )
-    return out

@@ -21,29 +21,13 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
+from ._validate import check_int, nearest_multiples
 from .parallel import device_mesh, shard
 from .state import DEVICE_AXIS
 
 
 HostBatch = dict[str, np.ndarray]
 DeviceBatch = dict[str, Array]
-
-
-def _nearest_multiples(value: int, base: int) -> str:
-    below = (value // base) * base
-    above = below + base
-    return str(above) if below == 0 else f"{below} or {above}"
-
-
-def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(
-            f"`{name}` must be an int, got {value!r} ({type(value).__name__}); "
-            f"pass an integer >= {minimum}."
-        )
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return int(value)
 
 
 def _seed_words(given: object) -> tuple[int, ...]:
@@ -69,37 +53,37 @@ def _seed_words(given: object) -> tuple[int, ...]:
     return tuple(int(w) for w in words)
 
 
-def _as_host_dataset(dataset: Any) -> dict[str, np.ndarray]:
+def _as_host_dataset(dataset: Any, name: str) -> dict[str, np.ndarray]:
     if not isinstance(dataset, Mapping):
         raise TypeError(
-            f"`dataset` must be a dict of arrays with equal leading length, got "
+            f"`{name}` must be a dict of arrays with equal leading length, got "
             f"{type(dataset).__name__}; build it as "
             "{'image': inputs, 'label': targets}."
         )
     if not dataset:
         raise ValueError(
-            "`dataset` is an empty dict; it needs at least one array, e.g. "
+            f"`{name}` is an empty dict; it needs at least one array, e.g. "
             "{'image': inputs, 'label': targets}."
         )
     host = {}
-    for name, value in dataset.items():
-        if not isinstance(name, str):
+    for key, value in dataset.items():
+        if not isinstance(key, str):
             raise TypeError(
-                f"`dataset` keys must be strings, got {name!r}; use names such as "
+                f"`{name}` keys must be strings, got {key!r}; use names such as "
                 "'image' and 'label'."
             )
         array = np.asarray(value)
         if array.ndim == 0:
             raise ValueError(
-                f"`dataset[{name!r}]` is a scalar; every entry needs a leading "
+                f"`{name}[{key!r}]` is a scalar; every entry needs a leading "
                 "example axis (shape (n_examples, ...))."
             )
-        host[name] = array
-    lengths = {name: x.shape[0] for name, x in host.items()}
+        host[key] = array
+    lengths = {k: x.shape[0] for k, x in host.items()}
     if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{name!r}: {n}" for name, n in lengths.items())
+        listed = ", ".join(f"{k!r}: {n}" for k, n in lengths.items())
         raise ValueError(
-            f"`dataset` entries have different leading lengths ({listed}); every "
+            f"`{name}` entries have different leading lengths ({listed}); every "
             "array must hold one row per example: trim or fix the entries so the "
             "lengths agree."
         )
@@ -140,6 +124,7 @@ class IterateData:
         start at.
     - `process_index`, `process_count`: override `jax.process_index()` and
         `jax.process_count()` (for tests of the per-process slicing).
+    - `name`: how the caller names `dataset` in error messages (e.g. `"test_ds"`).
 
     **Attributes:**
 
@@ -170,9 +155,11 @@ class IterateData:
         start_step: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
+        name: str = "dataset",
     ):
-        self.dataset = _as_host_dataset(dataset)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.name = name
+        self.dataset = _as_host_dataset(dataset, name)
+        self.batch_size = check_int("batch_size", batch_size)
         self.train = bool(train)
         self.n = next(iter(self.dataset.values())).shape[0]
 
@@ -181,12 +168,12 @@ class IterateData:
             raise ValueError(
                 f"`batch_size` = {self.batch_size} is not divisible by the "
                 f"{n_devices} devices (jax.device_count()); use a multiple of "
-                f"{n_devices}, e.g. {_nearest_multiples(self.batch_size, n_devices)}."
+                f"{n_devices}, e.g. {nearest_multiples(self.batch_size, n_devices)}."
             )
         pcount = jax.process_count() if process_count is None else process_count
-        self.process_count = _check_positive_int("process_count", pcount)
+        self.process_count = check_int("process_count", pcount)
         pindex = jax.process_index() if process_index is None else process_index
-        self.process_index = _check_positive_int("process_index", pindex, minimum=0)
+        self.process_index = check_int("process_index", pindex, minimum=0)
         if self.process_index >= self.process_count:
             raise ValueError(
                 f"`process_index` = {self.process_index} must be less than "
@@ -197,7 +184,7 @@ class IterateData:
                 f"`batch_size` = {self.batch_size} is not divisible by the "
                 f"{self.process_count} processes; use a multiple of "
                 f"{self.process_count}, e.g. "
-                f"{_nearest_multiples(self.batch_size, self.process_count)}."
+                f"{nearest_multiples(self.batch_size, self.process_count)}."
             )
         self.local_batch_size = self.batch_size // self.process_count
 
@@ -206,7 +193,7 @@ class IterateData:
         if self.train:
             if self.steps_per_epoch == 0:
                 raise ValueError(
-                    f"`dataset` has {self.n} examples, fewer than one batch of "
+                    f"`{name}` has {self.n} examples, fewer than one batch of "
                     f"`batch_size` = {self.batch_size}; training drops incomplete "
                     "batches, so use a batch size of at most "
                     f"{(self.n // n_devices) * n_devices or n_devices} or more data."
@@ -214,7 +201,10 @@ class IterateData:
             self.num_batches = self.steps_per_epoch
         else:
             if self.n == 0:
-                raise ValueError("`dataset` has no examples to evaluate on.")
+                raise ValueError(
+                    f"`{name}` has no examples to evaluate on; pass at least one "
+                    "example."
+                )
             self.num_batches = -(-self.n // self.batch_size)
 
         self._seed = _seed_words(key) if self.train else ()
@@ -225,7 +215,7 @@ class IterateData:
 
     def reset(self, start_step: int = 0) -> None:
         """Continue from `start_step`: a global step (training) or batch number."""
-        start_step = _check_positive_int("start_step", start_step, minimum=0)
+        start_step = check_int("start_step", start_step, minimum=0)
         if not self.train and start_step > self.num_batches:
             raise ValueError(
                 f"`start_step` = {start_step} is past the {self.num_batches} "
@@ -273,12 +263,19 @@ class IterateData:
         return batch
 
 
+def _casts(name: str, x: np.ndarray) -> bool:
+    # Floating entries, and integer (or bool) images: SCICO's iterator casts its
+    # images to `dtype`; integer labels (class indices) keep their dtype.
+    return jnp.issubdtype(x.dtype, jnp.floating) or (
+        name == "image" and not jnp.issubdtype(x.dtype, jnp.complexfloating)
+    )
+
+
 def _cast(batch: HostBatch, dtype: Any) -> HostBatch:
     if dtype is None:
         return batch
     return {
-        name: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-        for name, x in batch.items()
+        name: x.astype(dtype) if _casts(name, x) else x for name, x in batch.items()
     }
 
 
@@ -384,6 +381,7 @@ def create_input_iter(
     start_step: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
+    name: str = "dataset",
 ) -> DeviceIter:
     """Create an iterator of batches sharded over and prefetched to the local devices.
 
@@ -394,6 +392,12 @@ def create_input_iter(
     is placed on the local devices with a `NamedSharding` over the axis
     `"device"`, `size_device_prefetch` batches ahead of the one being used (as
     Flax's `prefetch_to_device`).
+
+    The `"image"` entry is cast to `dtype` whatever its dtype (images of `uint8`
+    and other integer dtypes included, as SCICO's iterator casts them): the
+    models take floating-point inputs. Other integer entries, such as the class
+    indices of a classifier's `"label"`, keep their dtype. Pass the model's
+    floating dtype (e.g. `jnp.float64` for a model built with x64 on).
 
     An evaluation pass (`train=False`) yields the full batches only; when
     `batch_size` does not divide the dataset, the `remainder` last examples,
@@ -411,11 +415,12 @@ def create_input_iter(
     - `dataset`: a dict of arrays with equal leading length.
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `size_device_prefetch`: batches placed ahead (0 places each when asked).
-    - `dtype`: dtype of the floating entries (`None` keeps them as they are).
+    - `dtype`: dtype of the floating entries and of `"image"` (`None` keeps them
+        as they are).
     - `train`: infinite shuffled iteration, or one ordered pass.
     - `steps_per_call`: batches per item (training only).
     - `start_step`: global step (training) or batch number (evaluation) to start at.
-    - `process_index`, `process_count`: as for `IterateData`.
+    - `process_index`, `process_count`, `name`: as for `IterateData`.
 
     **Returns:**
 
@@ -423,13 +428,13 @@ def create_input_iter(
     `steps_per_epoch`, `num_batches` (counted in batches, not items), `remainder`
     and `remainder_batch()`.
     """
-    k = _check_positive_int("steps_per_call", steps_per_call)
+    k = check_int("steps_per_call", steps_per_call)
     if not train and k != 1:
         raise ValueError(
             f"`steps_per_call` = {k} applies to training only; evaluation takes one "
             "batch per call: pass steps_per_call=1 with train=False."
         )
-    prefetch = _check_positive_int("size_device_prefetch", size_device_prefetch, 0)
+    prefetch = check_int("size_device_prefetch", size_device_prefetch, minimum=0)
     if dtype is not None:
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
@@ -445,6 +450,7 @@ def create_input_iter(
         start_step=start_step,
         process_index=process_index,
         process_count=process_count,
+        name=name,
     )
     n_local = jax.local_device_count()
     if data.local_batch_size % n_local:

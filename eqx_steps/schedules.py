@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, overload
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ._validate import check_int, check_number, is_real
@@ -52,8 +53,10 @@ def as_schedule(
     `TypeError` for anything else, `ValueError` for a negative or non-finite
     number.
     """
-    if learning_rate is None or callable(learning_rate):
-        return learning_rate
+    if learning_rate is None:
+        return None
+    if callable(learning_rate):
+        return _checked(learning_rate, name)
     if isinstance(learning_rate, jax.Array) and learning_rate.ndim == 0:
         return optax.constant_schedule(learning_rate)
     if not is_real(learning_rate):
@@ -62,6 +65,31 @@ def as_schedule(
             f"number, got {learning_rate!r} ({type(learning_rate).__name__})."
         )
     return optax.constant_schedule(check_number(name, learning_rate, minimum=0.0))
+
+
+def _checked(schedule: optax.Schedule, name: str) -> optax.Schedule:
+    """`schedule`, checked (by tracing it once, nothing is run) to map an integer
+    step to a real scalar."""
+    fix = "a schedule must map the step (an int32 scalar) to a real scalar, e.g. "
+    fix += "`optax.exponential_decay(1e-3, 1000, 0.5)`."
+    try:
+        out = jax.eval_shape(schedule, jax.ShapeDtypeStruct((), jnp.int32))
+    except Exception as e:  # noqa: BLE001 - whatever the user's function raises
+        raise TypeError(
+            f"`{name}` = {schedule!r} fails on a traced step ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); {fix}"
+        ) from e
+    shape, dtype = getattr(out, "shape", None), getattr(out, "dtype", None)
+    if (
+        shape != ()
+        or dtype is None
+        or not (
+            jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+        )
+    ):
+        got = f"shape {shape} and dtype {dtype}" if dtype is not None else repr(out)
+        raise TypeError(f"`{name}` = {schedule!r} returns {got}; {fix}")
+    return schedule
 
 
 def _as_mapping(config: Any, schedule: str) -> Mapping[str, Any]:

@@ -15,6 +15,14 @@ import jax.tree_util as jtu
 import optax
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
+from ._model_checks import (
+    check_model_state,
+    check_same_arrays,
+    MAKE_WITH_STATE,
+    ModelStateError,
+)
+from .schedules import as_schedule
+
 
 BATCH_AXIS = "batch"
 """Name of the per-example `vmap` axis inside a device (the Equinox convention)."""
@@ -59,6 +67,13 @@ class _MeshSafeState(eqx.nn.State):
     def set(self, item: eqx.nn.StateIndex, value: Any) -> eqx.nn.State:
         old = self.get(item)
         value = jtu.tree_map(jnp.asarray, value)
+        if _layout(old) != _layout(value):
+            raise ModelStateError(
+                f"`model_state` does not belong to `model`: its entry "
+                f"{str(item.marker)!r} holds {_describe(old)} but the layer writes "
+                f"{_describe(value)} (was the state made for a model of other "
+                f"sizes?); pass the state built with this model: {MAKE_WITH_STATE}."
+            )
         if jtu.tree_structure(old) == jtu.tree_structure(value):
             value = jtu.tree_map(_like_old, old, value)
         return _as_state(super().set(item, value), _MeshSafeState)
@@ -69,6 +84,15 @@ class _MeshSafeState(eqx.nn.State):
     def update(self, substate: eqx.nn.State) -> eqx.nn.State:
         plain = _as_state(substate, eqx.nn.State)
         return _as_state(super().update(plain), _MeshSafeState)
+
+
+def _layout(tree: PyTree) -> tuple[Any, list[tuple[tuple[int, ...], Any]]]:
+    leaves, treedef = jtu.tree_flatten(tree)
+    return treedef, [(jnp.shape(x), jnp.result_type(x)) for x in leaves]
+
+
+def _describe(tree: PyTree) -> str:
+    return ", ".join(f"{d}{list(s)}" for s, d in _layout(tree)[1]) or "nothing"
 
 
 def _as_state(state: Any, cls: type[eqx.nn.State]) -> Any:
@@ -225,6 +249,7 @@ class TrainState(eqx.Module):
             )
         if not callable(forward):
             raise TypeError(f"`forward` must be callable, got {forward!r}.")
+        check_model_state(model, model_state)
         if key is not None and not (
             isinstance(key, jax.Array)
             and (
@@ -275,6 +300,10 @@ class TrainState(eqx.Module):
     def replace(self, **changes: Any) -> TrainState:
         """A copy of this state with the given fields replaced.
 
+        A new `model` must have the arrays of the old one (same paths, shapes and
+        dtypes: the optimizer state and the compiled steps are built for them), and
+        `model_state` must belong to the model.
+
         **Arguments:**
 
         - `**changes`: field names and their new values.
@@ -282,7 +311,19 @@ class TrainState(eqx.Module):
         **Returns:**
 
         The new state.
+
+        **Raises:**
+
+        `ValueError` naming the first leaf of `model` that differs, or the entries
+        of `model_state` that do not belong to the model.
         """
+        if "model" in changes:
+            check_same_arrays("model", self.model, changes["model"])
+        if "model" in changes or "model_state" in changes:
+            check_model_state(
+                changes.get("model", self.model),
+                changes.get("model_state", self.model_state),
+            )
         return dataclasses.replace(self, **changes)
 
 
@@ -329,6 +370,12 @@ def create_basic_train_state(
     An error that is both a `ValueError` and a `NotImplementedError` (as SCICO
     raises) for an unknown `config["opt_type"]`.
     """
+    if learning_rate_fn is None:
+        raise TypeError(
+            "`learning_rate_fn` is None; pass a schedule (a function step -> learning "
+            "rate) or a number."
+        )
+    as_schedule(learning_rate_fn)  # checked; optax takes a number as it is
     opt_type = config.get("opt_type", "ADAM")
     if opt_type == "SGD":
         if config.get("momentum") is not None:

@@ -18,8 +18,9 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
+from ._model_checks import check_model_state, ModelStateError
 from .schedules import as_schedule
-from .state import TrainState
+from .state import per_example, TrainState, whole_batch
 
 
 AxisName = Hashable | Sequence[Hashable] | None
@@ -44,6 +45,109 @@ def check_batch(batch: Any, argname: str = "batch") -> None:
             f"`{argname}` has keys {sorted(batch)} but lacks {missing}; the steps read "
             "batch['image'] (input) and batch['label'] (target): rename your keys."
         )
+
+
+def check_callables(**functions: Any) -> None:
+    """Raise `TypeError` naming the first of `functions` that is not callable."""
+    for name, fn in functions.items():
+        if not callable(fn):
+            raise TypeError(
+                f"`{name}` must be a function, got {type(fn).__name__}: {fn!r}; pass "
+                "the function itself (e.g. eqx_steps.mse_loss, "
+                "eqx_steps.compute_metrics, eqx_steps.train_step)."
+            )
+
+
+def check_post_lst(post_lst: Any) -> tuple[PostFn, ...]:
+    """`post_lst` as a tuple, checked to be a sequence of callables."""
+    if post_lst is None:
+        return ()
+    if not isinstance(post_lst, Sequence) or isinstance(post_lst, str):
+        raise TypeError(
+            f"`post_lst` must be a list of functions model -> model, got "
+            f"{type(post_lst).__name__}: {post_lst!r}; pass e.g. "
+            "[functools.partial(eqx_steps.clip_positive, traversal=...)]."
+        )
+    for i, post in enumerate(post_lst):
+        if not callable(post):
+            raise TypeError(
+                f"`post_lst[{i}]` must be a function model -> model, got "
+                f"{type(post).__name__}: {post!r}; pass the function itself, e.g. "
+                "functools.partial(eqx_steps.clip_positive, traversal=...)."
+            )
+    return tuple(post_lst)
+
+
+def _model_dtypes(model: PyTree) -> set[Any]:
+    leaves = jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+    return {jnp.dtype(x.dtype) for x in leaves}
+
+
+def check_inputs(state: TrainState, batch: Batch) -> None:
+    """Check what the stock `forward`s hand the model, before it is traced.
+
+    With [`eqx_steps.per_example`][] or [`eqx_steps.whole_batch`][] (a custom
+    `forward` may convert its inputs itself): the model is callable, its
+    `model_state` belongs to it, and every leaf of `batch["image"]` has a
+    floating dtype, the model's when all of its floating leaves share one (XLA's
+    convolutions refuse mixed dtypes). Runs when a step is traced, so it costs
+    nothing per call.
+    """
+    if state.forward not in (per_example, whole_batch):
+        return
+    if not callable(state.model):
+        raise TypeError(
+            f"`state.model` must be callable (an Equinox module with `__call__`), "
+            f"got {type(state.model).__name__}; pass the model itself to "
+            "TrainState.create (not, e.g., its parameters), or a `forward` that "
+            "knows how to apply it."
+        )
+    check_model_state(state.model, state.model_state, "state.model_state")
+    dtypes = _model_dtypes(state.model)
+    for path, x in jax.tree_util.tree_flatten_with_path(batch["image"])[0]:
+        dtype = jnp.result_type(x)
+        name = f"batch['image']{jax.tree_util.keystr(path)}"
+        if not jnp.issubdtype(dtype, jnp.inexact):
+            want = next(iter(dtypes)) if len(dtypes) == 1 else jnp.dtype(jnp.float32)
+            raise ValueError(
+                f"`{name}` has dtype {dtype}, but the model takes floating-point "
+                f"inputs; cast the images first, e.g. `images.astype(jnp.{want})` "
+                "(create_input_iter, and so BasicTrainer, casts integer images)."
+            )
+        if len(dtypes) == 1 and dtype not in dtypes:
+            want = next(iter(dtypes))
+            raise ValueError(
+                f"`{name}` has dtype {dtype}, but the model's floating-point leaves "
+                f"are {want}; cast the images with `images.astype(jnp.{want})`, or "
+                f"build the model in {dtype} (with x64 on, Equinox layers default to "
+                "float64)."
+            )
+
+
+def _describe(x: PyTree) -> str:
+    leaves = jax.tree_util.tree_leaves(x)
+    return ", ".join(f"{jnp.result_type(a)}{list(jnp.shape(a))}" for a in leaves)
+
+
+def apply_forward(
+    state: TrainState, model: PyTree, x: PyTree, **kwargs: Any
+) -> tuple[PyTree, eqx.nn.State | None]:
+    """`state.forward(model, state.model_state, x, **kwargs)`, naming the batch when
+    the model cannot take it (an error raised while tracing the model, e.g. a
+    shape mismatch inside a layer). Runs when a step is traced: no cost per call.
+    """
+    try:
+        return state.forward(model, state.model_state, x, **kwargs)
+    except ModelStateError:
+        raise
+    except (TypeError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise ValueError(
+            f"the model cannot take `batch['image']` of {_describe(x)} (per device) "
+            f"({type(e).__name__}: {first}); give each example the shape and dtype "
+            "the model takes (channels last, (H, W, C) for the reference models), or "
+            "pass a `forward` that adapts the batch."
+        ) from e
 
 
 def _no_collective(axis_name: AxisName) -> bool:
@@ -146,13 +250,15 @@ def train_step(
     `axis_name`, with `"learning_rate"` added.
     """
     check_batch(batch)
+    check_inputs(state, batch)
+    schedule = as_schedule(learning_rate_fn)
     x, label = batch["image"], batch["label"]
     params, static = eqx.partition(state.model, state.trainable)
     key = _step_key(state, axis_name)
 
     def loss_fn(params):
         model = eqx.combine(params, static)
-        output, model_state = state.forward(model, state.model_state, x, key=key)
+        output, model_state = apply_forward(state, model, x, key=key)
         return criterion(output, label), (output, model_state)
 
     (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -163,12 +269,10 @@ def train_step(
     new_state = state.apply_gradients(
         grads, model_state=mean_model_state(model_state, axis_name)
     )
-    if learning_rate_fn is None:
+    if schedule is None:
         metrics["learning_rate"] = _injected_learning_rate(new_state.opt_state)
     else:
-        metrics["learning_rate"] = jnp.asarray(
-            as_schedule(learning_rate_fn)(state.step), jnp.float32
-        )
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     return new_state, metrics
 
 
@@ -230,6 +334,7 @@ def train_step_post(
 
     A 2-tuple of the new state and the metrics of `train_step_fn`.
     """
+    post_lst = check_post_lst(post_lst)
     new_state, metrics = train_step_fn(
         state, batch, learning_rate_fn, criterion, metrics_fn, axis_name=axis_name
     )
@@ -267,6 +372,7 @@ def eval_step(
     The dict of metrics.
     """
     check_batch(batch)
+    check_inputs(state, batch)
     x, label = batch["image"], batch["label"]
-    output, _ = state.forward(state.model, state.model_state, x, inference=True)
+    output, _ = apply_forward(state, state.model, x, inference=True)
     return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))

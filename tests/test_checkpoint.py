@@ -1,4 +1,4 @@
-"""Tests of checkpoints (orbax) and model export (Equinox serialisation)."""
+"""Tests of checkpoints (orbax); model export is in test_model_file.py."""
 
 import functools
 import gc
@@ -23,9 +23,7 @@ from eqx_steps import (
     checkpoint_save,
     latest_step,
     load_config,
-    load_model,
     per_example,
-    save_model,
     TrainState,
 )
 
@@ -444,56 +442,3 @@ def test_sigkill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
     assert checkpoint_save(resumed, {}, workdir)
     assert latest_step(workdir) == last + 1
     assert tree_equal(checkpoint_restore(template, workdir), resumed)
-
-
-# ---------------------------------------------------------------------------
-# Model export
-
-
-def test_save_load_model_round_trip(tmp_path):
-    saved = perturb(make_state(), 1)
-    path = tmp_path / "export" / "model.eqx"
-    save_model(path, saved.model, saved.model_state)
-    assert os.listdir(path.parent) == ["model.eqx"]  # no temporary file left
-    template = make_state(seed=3)
-    model, model_state = load_model(path, template.model, template.model_state)
-    assert tree_equal((model, model_state), (saved.model, saved.model_state))
-    # No suffix is added to a path without one; keys round-trip as keys.
-    bare = tmp_path / "bare"
-    save_model(bare, (saved.model, jax.random.key(7)))
-    assert bare.is_file()
-    (model, key), none = load_model(bare, (template.model, jax.random.key(0)))
-    assert none is None and tree_equal(key, jax.random.key(7))
-    # A template made without allocating arrays works too.
-    shapes = eqx.filter_eval_shape(lambda: make_state(seed=4, bn=False).model)
-    save_model(bare, saved.model[0])
-    model, _ = load_model(bare, shapes)
-    assert tree_equal(model, saved.model[0])
-
-
-def test_save_model_replaces_atomically(tmp_path):
-    path = tmp_path / "model.eqx"
-    save_model(path, make_state(seed=1).model)
-    save_model(path, make_state(seed=2).model)
-    model, _ = load_model(path, make_state().model)
-    assert tree_equal(model, make_state(seed=2).model)
-    assert os.listdir(tmp_path) == ["model.eqx"]
-
-
-def test_load_model_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nothing.eqx"):
-        load_model(tmp_path / "nothing.eqx", make_state().model)
-    path = tmp_path / "model.eqx"
-    state = make_state()
-    save_model(path, state.model, state.model_state)
-    with pytest.raises(ValueError, match="does not match") as info:
-        load_model(path, make_state(width=5).model, state.model_state)
-    assert str(path) in str(info.value) and "(5, 2)" in str(info.value)
-    with pytest.raises(ValueError, match="more leaves"):
-        load_model(path, state.model)  # the model_state was saved too
-    with pytest.raises(ValueError, match="does not match"):
-        load_model(path, make_state(depth=3).model, state.model_state)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) - 10)
-    with pytest.raises(ValueError, match="does not match"):
-        load_model(path, state.model, state.model_state)

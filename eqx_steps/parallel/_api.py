@@ -9,9 +9,12 @@ import jax
 import optax
 
 from .._validate import check_bool, check_choice, check_int
+from ..schedules import as_schedule
 from ..state import DEVICE_AXIS, TrainState
 from ..steps import (
     Batch,
+    check_callables,
+    check_post_lst,
     Criterion,
     eval_step,
     Metrics,
@@ -140,8 +143,12 @@ def parallel_train_step(
 
     A function `(state, batch) -> (state, metrics)`.
     """
-    if post_lst:
-        post = tuple(post_lst)
+    as_schedule(learning_rate_fn)  # checked now, not when the step is traced
+    check_callables(
+        criterion=criterion, metrics_fn=metrics_fn, train_step_fn=train_step_fn
+    )
+    post = check_post_lst(post_lst)
+    if post:
 
         def per_device(state, batch):
             return train_step_post(
@@ -202,6 +209,10 @@ def parallel_eval_step(
     state is neither changed nor donated. It has `.lower` and `.cache_size` as
     the training step has.
     """
+
+    check_callables(
+        criterion=criterion, metrics_fn=metrics_fn, eval_step_fn=eval_step_fn
+    )
 
     def per_device(state, batch):
         return eval_step_fn(state, batch, criterion, metrics_fn, axis_name=DEVICE_AXIS)
