@@ -377,6 +377,10 @@ class BasicTrainer:
         False`: the pair `(model, model_state)`, as SCICO returns the variables)
         and the `History`.
         """
+        with StopRequests(jax.process_count() > 1) as stop:
+            return self._train(stop)
+
+    def _train(self, stop: StopRequests) -> tuple[Any, History]:
         state = self.state
         step = int(state.step)
         self.log("Network Structure:")
@@ -393,7 +397,6 @@ class BasicTrainer:
             periods.append(self.steps_per_checkpoint)
         iters = {1: self.train_dt_iter}
         with contextlib.ExitStack() as stack:
-            stop = stack.enter_context(StopRequests(jax.process_count() > 1))
             hooks = self._builtin_hooks(step, stack) + self._hooks
             while step < self.num_steps:
                 k = _call_size(step, cfg.steps_per_call, self.num_steps, periods)

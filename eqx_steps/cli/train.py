@@ -280,6 +280,9 @@ def run(args: argparse.Namespace) -> int:
             state, history = trainer.train()
         except TrainingInterrupted as e:
             _interrupted(e, out)
+        except KeyboardInterrupt:  # before the trainer's handlers were installed
+            print("interrupted before training started", file=sys.stderr)
+            raise SystemExit(130) from None
         except OSError as e:  # a checkpoint that could not be written
             raise UsageError(one_line(e)) from None
         text = _finish(settings, data, state, history, workdir)
