@@ -35,7 +35,7 @@ def make_trainer(workdir, **options):
 def host_leaves(tree):
     """This process's copy of each array leaf, as NumPy."""
     out = []
-    for x in jax.tree_util.tree_leaves(tree):
+    for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array)):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
             x = x.addressable_data(0)
         out.append(np.asarray(x))

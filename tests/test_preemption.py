@@ -173,3 +173,38 @@ def test_the_command_reports_sigint_on_one_line_and_resumes_exactly(tmp_path, ca
 def _last_record(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return json.loads(f.read().splitlines()[-1])
+
+
+def launch_pair(workdir):
+    """A 2-process job (2 CPU devices each) running tests/preempt_worker.py."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    worker = os.path.join(HERE, "preempt_worker.py")
+    return [start([worker, str(workdir), "2", str(i), coordinator]) for i in range(2)]
+
+
+def test_two_processes_stop_at_the_same_step_and_resume(reference, tmp_path):
+    p0, p1 = launch_pair(tmp_path)
+    # SIGTERM to process 1 only: process 0 learns it at the next call boundary.
+    seen = b""
+    while b"step 5\n" not in seen:
+        chunk = os.read(p1.stdout.fileno(), 4096)
+        assert chunk, seen.decode() + p1.stderr.read().decode()
+        seen += chunk
+    p1.send_signal(signal.SIGTERM)
+    outs = []
+    for p in (p0, p1):
+        out, err = p.communicate(timeout=120)
+        outs.append(out.decode() + err.decode())
+    outs[1] = seen.decode() + outs[1]
+    assert [p0.returncode, p1.returncode] == [143, 143], outs
+    steps = {int(o.split("interrupted SIGTERM step ")[1].split()[0]) for o in outs}
+    (stopped,) = steps  # the same step in both processes
+    assert es.latest_step(tmp_path) == stopped and not tmp_folders(tmp_path)
+    state, _ = make_trainer(tmp_path).train()  # resumed here, on 4 devices
+    final = host_leaves(state.model)
+    for a, b in zip(reference, final):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
