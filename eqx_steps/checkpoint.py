@@ -318,23 +318,6 @@ def checkpoint_save(
             f"`workdir` {str(path)!r} is a file, not a folder; pass a folder for the "
             "checkpoints (it is created if needed)",
         )
-    try:
-        return _save(path, step, arrays, config_json, max_to_keep)
-    except OSError as e:
-        latest = latest_step(path)
-        kept = "no earlier checkpoint" if latest is None else f"step {latest}"
-        _remove_partial(path)
-        raise OSError(
-            e.errno,
-            f"could not save checkpoint step {step} in {str(path)!r} "
-            f"({type(e).__name__}: {_short(e)}); the last complete checkpoint "
-            f"({kept}) is intact; free disk space or fix the folder, then resume",
-        ) from e
-
-
-def _save(
-    path: Path, step: int, arrays: PyTree, config_json: Any, max_to_keep: int
-) -> bool:
     with _manager(path, create=True, max_to_keep=max_to_keep) as manager:
         latest = manager.latest_step()
         if latest is not None and step <= latest:
@@ -350,9 +333,26 @@ def _save(
             _STATE: ocp.args.StandardSave(arrays),
             _CONFIG: ocp.args.JsonSave(config_json),
         }
-        manager.save(step, args=ocp.args.Composite(**items))
-        manager.wait_until_finished()
+        try:
+            manager.save(step, args=ocp.args.Composite(**items))
+            manager.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise ValueError, OSError...
+            raise _save_failed(path, step, e) from e
     return True
+
+
+def _save_failed(path: Path, step: int, error: Exception) -> OSError:
+    """The error of a save that failed part-way, after removing its temporary
+    folder; the complete steps are untouched."""
+    _remove_partial(path)
+    latest = latest_step(path)
+    kept = "no earlier checkpoint" if latest is None else f"step {latest}"
+    return OSError(
+        f"could not save checkpoint step {step} in {str(path)!r} "
+        f"({type(error).__name__}: {_short(error, 2000)}); the last complete "
+        f"checkpoint ({kept}) is intact; free disk space or fix the folder, then "
+        "resume",
+    )
 
 
 class _CorruptStep(ValueError):
