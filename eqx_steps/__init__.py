@@ -18,8 +18,10 @@ from .apply import only_apply as only_apply, only_evaluate as only_evaluate
 from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
     checkpoint_save as checkpoint_save,
+    CheckpointFallbackWarning as CheckpointFallbackWarning,
     latest_step as latest_step,
     load_config as load_config,
+    prepare_workdir as prepare_workdir,
 )
 from .data import (
     create_input_iter as create_input_iter,
@@ -73,7 +75,10 @@ from .steps import (
     train_step as train_step,
     train_step_post as train_step_post,
 )
-from .trainer import BasicTrainer as BasicTrainer
+from .trainer import (
+    BasicTrainer as BasicTrainer,
+    TrainingInterrupted as TrainingInterrupted,
+)
 
 
 __version__ = "0.1.0"

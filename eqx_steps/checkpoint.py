@@ -20,6 +20,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
+import tempfile
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -40,6 +43,8 @@ _MAX_TO_KEEP = 3
 # The items of a checkpoint step: the state's arrays and the run's JSON config.
 _STATE = "state"
 _CONFIG = "config"
+# orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete.
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 # ---------------------------------------------------------------------------
@@ -183,6 +188,56 @@ def _check_state(state: Any) -> None:
         )
 
 
+def _remove_partial(path: Path) -> list[str]:
+    """Remove the temporary folders of saves that did not complete (a crash, a
+    kill, a full disk); the names removed."""
+    if not path.is_dir():
+        return []
+    removed = [p for p in path.iterdir() if _TMP_MARK in p.name]
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return [p.name for p in removed]
+
+
+def prepare_workdir(workdir: str | os.PathLike, *, clean: bool = True) -> list[str]:
+    """Make `workdir` ready for checkpoints before a run starts.
+
+    Creates it if needed, checks that files can be created in it (so that a
+    read-only folder fails now, not at the first save after training), and, with
+    `clean`, removes the temporary folders that an interrupted save left behind.
+    In a multi-process job only process 0 should clean, before any process saves.
+
+    **Arguments:**
+
+    - `workdir`: the checkpoint directory.
+    - `clean`: remove the leftover `*.orbax-checkpoint-tmp*` folders.
+
+    **Returns:**
+
+    The names of the folders removed.
+
+    **Raises:**
+
+    `OSError` (e.g. `PermissionError`, `NotADirectoryError`) naming `workdir`
+    when it cannot be created or written to.
+    """
+    path = _workdir(workdir)
+    try:
+        if path.exists() and not path.is_dir():
+            raise NotADirectoryError(20, "it is a file, not a folder")
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise type(e)(
+            e.errno,
+            f"checkpoint folder {str(path)!r} is not writable ({_short(e)}); "
+            "choose a folder you can write to, or fix its permissions",
+        ) from e
+    return _remove_partial(path) if clean else []
+
+
 def latest_step(workdir: str | os.PathLike) -> int | None:
     """The latest complete checkpoint step in `workdir`.
 
@@ -256,6 +311,12 @@ def checkpoint_save(
         lambda x: jax.random.key_data(x) if _is_key(x) else x,
         eqx.filter(state, eqx.is_array),
     )
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(
+            20,
+            f"`workdir` {str(path)!r} is a file, not a folder; pass a folder for the "
+            "checkpoints (it is created if needed)",
+        )
     with _manager(path, create=True, max_to_keep=max_to_keep) as manager:
         latest = manager.latest_step()
         if latest is not None and step <= latest:
@@ -271,22 +332,57 @@ def checkpoint_save(
             _STATE: ocp.args.StandardSave(arrays),
             _CONFIG: ocp.args.JsonSave(config_json),
         }
-        manager.save(step, args=ocp.args.Composite(**items))
-        manager.wait_until_finished()
+        try:
+            manager.save(step, args=ocp.args.Composite(**items))
+            manager.wait_until_finished()
+        except Exception as e:  # orbax and tensorstore raise ValueError, OSError...
+            raise _save_failed(path, step, e) from e
     return True
 
 
-def _corrupt(path: Path, step: int, steps: list[int], error: BaseException) -> Any:
+def _save_failed(path: Path, step: int, error: Exception) -> OSError:
+    """The error of a save that failed part-way, after removing its temporary
+    folder; the complete steps are untouched."""
+    _remove_partial(path)
+    latest = latest_step(path)
+    kept = "no earlier checkpoint" if latest is None else f"step {latest}"
+    return OSError(
+        f"could not save checkpoint step {step} in {str(path)!r} "
+        f"({type(error).__name__}: {_short(error, 2000)}); the last complete "
+        f"checkpoint ({kept}) is intact; free disk space or fix the folder, then "
+        "resume",
+    )
+
+
+class _CorruptStep(ValueError):
+    """A step that cannot be read back (as opposed to one unlike `state`)."""
+
+    def __init__(self, text: str, step: int, reason: str):
+        super().__init__(text)
+        self.step, self.reason = step, reason
+
+
+class CheckpointFallbackWarning(UserWarning):
+    """`checkpoint_restore(..., fallback=True)` skipped corrupt latest steps."""
+
+
+def _corrupt(
+    path: Path, step: int, steps: list[int], error: BaseException
+) -> _CorruptStep:
     older = [s for s in steps if s < step]
     hint = (
-        f" Older steps on disk: {older}; delete {str(path / str(step))!r} to resume "
+        f" Older steps on disk: {older}; restore with fallback=True (the command: "
+        f"--resume --fallback), or delete {str(path / str(step))!r}, to resume "
         f"from step {older[-1]}."
         if older
         else " No older step is on disk: start the run afresh."
     )
-    return ValueError(
+    reason = f"{type(error).__name__}: {_short(error)}"
+    return _CorruptStep(
         f"checkpoint step {step} in {str(path)!r} is incomplete or corrupt "
-        f"({type(error).__name__}: {_short(error)}).{hint}"
+        f"({reason}).{hint}",
+        step,
+        reason,
     )
 
 
@@ -329,8 +425,31 @@ def _compare(path: Path, step: int, target: PyTree, metadata: Any) -> None:
         )
 
 
+def _restore_step(
+    manager: ocp.CheckpointManager, path: Path, step: int, steps: list[int], target: Any
+) -> Any:
+    """The arrays of checkpoint `step`, compared with `target` first."""
+    try:
+        items = manager.metadata(step).item_metadata
+        metadata = None if items is None else items.get(_STATE)
+        if metadata is None or not hasattr(metadata, "tree"):
+            raise FileNotFoundError("the tree metadata of its state is missing")
+    except Exception as e:
+        raise _corrupt(path, step, steps, e) from e
+    _compare(path, step, target, metadata)
+    try:
+        args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
+        return manager.restore(step, args=args)[_STATE]
+    except Exception as e:
+        raise _corrupt(path, step, steps, e) from e
+
+
 def checkpoint_restore(
-    state: TrainState, workdir: str | os.PathLike, ok_no_ckpt: bool = False
+    state: TrainState,
+    workdir: str | os.PathLike,
+    ok_no_ckpt: bool = False,
+    *,
+    fallback: bool = False,
 ) -> TrainState:
     """Restore the latest checkpoint in `workdir` into the structure of `state`.
 
@@ -341,7 +460,9 @@ def checkpoint_restore(
 
     A corrupt or incomplete latest step raises rather than silently falling back
     to an older one; the error names the step directory and the older steps, so
-    that deleting the bad step resumes from the previous one.
+    that deleting the bad step resumes from the previous one. With
+    `fallback=True` the newest step that reads back is restored instead, with a
+    `CheckpointFallbackWarning` that names the steps skipped and why.
 
     **Arguments:**
 
@@ -350,6 +471,8 @@ def checkpoint_restore(
     - `workdir`: the checkpoint directory.
     - `ok_no_ckpt`: return `state` unchanged when there is no checkpoint, instead
         of raising.
+    - `fallback`: when the latest step is corrupt, restore the newest older step
+        that is not (a state that does not match any step still raises).
 
     **Returns:**
 
@@ -376,7 +499,7 @@ def checkpoint_restore(
 
     arrays, static = eqx.partition(state, eqx.is_array)
     leaves, treedef = jax.tree_util.tree_flatten(arrays)
-    fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(x):
         if isinstance(x, np.ndarray):
@@ -386,26 +509,30 @@ def checkpoint_restore(
             shape, dtype = data.shape, data.dtype
         else:
             shape, dtype = x.shape, x.dtype
-        sharding = getattr(x, "sharding", None) or fallback
+        sharding = getattr(x, "sharding", None) or one_device
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
 
     target = jax.tree_util.tree_unflatten(treedef, [abstract(x) for x in leaves])
     with _manager(path, create=False) as manager:
         steps = sorted(manager.all_steps())
-        try:
-            items = manager.metadata(step).item_metadata
-            metadata = None if items is None else items.get(_STATE)
-            if metadata is None or not hasattr(metadata, "tree"):
-                raise FileNotFoundError("the tree metadata of its state is missing")
-        except Exception as e:
-            raise _corrupt(path, step, steps, e) from e
-        _compare(path, step, target, metadata)
-        try:
-            args = ocp.args.Composite(**{_STATE: ocp.args.StandardRestore(target)})
-            restored = manager.restore(step, args=args)[_STATE]
-        except Exception as e:
-            raise _corrupt(path, step, steps, e) from e
-
+        candidates = [s for s in reversed(steps) if s <= step] if fallback else [step]
+        errors: list[_CorruptStep] = []
+        for s in candidates:
+            try:
+                restored = _restore_step(manager, path, s, steps, target)
+                break
+            except _CorruptStep as e:
+                errors.append(e)
+        else:
+            raise errors[0]
+    if errors:
+        warnings.warn(
+            CheckpointFallbackWarning(
+                f"restored checkpoint step {s} of {str(path)!r}, not the latest: "
+                + "; ".join(f"step {e.step} is corrupt ({e.reason})" for e in errors)
+            ),
+            stacklevel=2,
+        )
     out = [
         jax.random.wrap_key_data(r, impl=_key_impl(x)) if _is_key(x) else r
         for x, r in zip(leaves, treedef.flatten_up_to(restored))

@@ -36,8 +36,9 @@ from ._hooks import (
     Recorder,
     StepInfo as StepInfo,
 )
+from ._preempt import StopRequests, TrainingInterrupted as TrainingInterrupted
 from ._validate import check_dataset, check_divisible, check_int
-from .checkpoint import checkpoint_restore, checkpoint_save
+from .checkpoint import checkpoint_restore, checkpoint_save, prepare_workdir
 from .data import create_input_iter, DeviceIter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step, parallel_train_step
@@ -57,10 +58,12 @@ def _initial_state(
     schedule: optax.Schedule,
     *,
     tx: optax.GradientTransformation | None,
+    fallback: bool,
     **options: Any,
 ) -> TrainState:
     """The state to start from: created as `BasicTrainer` documents, then restored
-    from `cfg.workdir` when checkpointing."""
+    from `cfg.workdir` when checkpointing (after checking that the folder is
+    writable and removing the temporary folders of interrupted saves)."""
     if tx is not None:
         state = TrainState.create(model, tx, **options)
     else:
@@ -79,7 +82,9 @@ def _initial_state(
             options["model_state"] = state.model_state
             state = TrainState.create(state.model, state.tx, **options)
     if cfg.checkpointing:
-        state = checkpoint_restore(state, os.path.abspath(cfg.workdir), ok_no_ckpt=True)
+        workdir = os.path.abspath(cfg.workdir)
+        prepare_workdir(workdir, clean=jax.process_index() == 0)
+        state = checkpoint_restore(state, workdir, ok_no_ckpt=True, fallback=fallback)
     return state
 
 
@@ -161,6 +166,7 @@ class BasicTrainer:
         trainable: Any = eqx.is_inexact_array,
         forward: Callable = per_example,
         tx: optax.GradientTransformation | None = None,
+        fallback: bool = False,
     ):
         """**Arguments:**
 
@@ -180,6 +186,12 @@ class BasicTrainer:
             Without `tx`, `config["create_train_state"]` builds the state, and
             `key`, `trainable` and `forward`, when given, re-create it from its
             model, model state and optimizer.
+        - `fallback`: with `checkpointing`, when the latest checkpoint in
+            `workdir` is corrupt, resume from the newest older one that is not
+            (with a `CheckpointFallbackWarning`) instead of raising.
+
+        With `checkpointing`, `workdir` is created and checked to be writable here,
+        and the temporary folders of saves that were interrupted are removed.
         """
         self.config = cfg = TrainConfig.from_dict(config)
         check_dataset("train_ds", train_ds)
@@ -216,6 +228,7 @@ class BasicTrainer:
             model,
             self.lr_schedule,
             tx=tx,
+            fallback=fallback,
             model_state=model_state,
             key=key,
             trainable=trainable,
@@ -310,12 +323,7 @@ class BasicTrainer:
         recorder = Recorder(self.history, self.evaluate)
         hooks = [Hook(recorder.collect, 1), Hook(recorder.record, self.log_every_steps)]
         if cfg.checkpointing:
-            config = cfg.to_dict()
-
-            def save(info: StepInfo) -> None:
-                checkpoint_save(info.state, config, self.workdir)
-
-            hooks.append(Hook(save, self.steps_per_checkpoint))
+            hooks.append(Hook(self._save, self.steps_per_checkpoint))
         if cfg.log and self.is_main:
             path = os.path.join(self.workdir, METRICS_FILE)
             hooks.append(
@@ -324,6 +332,18 @@ class BasicTrainer:
             bar = stack.enter_context(progress_bar(start, self.num_steps))
             hooks.append(Hook(progress(bar, self.history), 1))
         return hooks
+
+    def _save(self, info: StepInfo) -> None:
+        checkpoint_save(info.state, self.config.to_dict(), self.workdir)
+
+    def _stop(self, info: StepInfo, signum: int) -> TrainingInterrupted:
+        """Save `info`'s state (with checkpointing) and say so, after a signal."""
+        self.state = info.state
+        if self.config.checkpointing:
+            self._save(info)
+        return TrainingInterrupted(
+            signum, info.step, info.state, self.config.checkpointing
+        )
 
     def train(self) -> tuple[Any, History]:
         """Run the training loop.
@@ -343,12 +363,24 @@ class BasicTrainer:
         a single-batch iterator at the same step. So any `log_every_steps` and
         `steps_per_checkpoint` work; multiples of `K` avoid the single steps.
 
+        On SIGINT (Ctrl-C) or SIGTERM (in the main thread; the previous handlers
+        are restored when `train()` returns) the loop finishes the call in
+        flight, saves a checkpoint of its step (with `checkpointing`; in a
+        multi-process job every process stops at the same step) and raises
+        [`eqx_steps.TrainingInterrupted`][]. A second signal raises at once,
+        leaving the previous checkpoint intact. Resuming gives the same final
+        state as an uninterrupted run.
+
         **Returns:**
 
         A 2-tuple of the final `TrainState` (with `config["return_state"] =
         False`: the pair `(model, model_state)`, as SCICO returns the variables)
         and the `History`.
         """
+        with StopRequests(jax.process_count() > 1) as stop:
+            return self._train(stop)
+
+    def _train(self, stop: StopRequests) -> tuple[Any, History]:
         state = self.state
         step = int(state.step)
         self.log("Network Structure:")
@@ -376,6 +408,9 @@ class BasicTrainer:
                 for hook in hooks:
                     if hook.due(before, step, last=step == self.num_steps):
                         hook.fn(info)
+                signum = stop.agreed()
+                if signum is not None:
+                    raise self._stop(info, signum)
         self.state = state
         if self.history.records:
             self.log("Done: " + format_record(self.history.records[-1]))

@@ -10,17 +10,24 @@ A run folder holds
 - the orbax checkpoints (numbered folders), written by the trainer.
 - `curves.png` (from the `History` that training returns) and `samples.png`
     (test patches: clean, noisy, denoised).
+- `.lock`: held (`fcntl.flock`) by the one `eqx-steps train` that uses the
+    folder; the kernel releases it when that process ends, however it ends, so a
+    killed run never blocks the next one.
 
-In a multi-process run only process 0 writes here.
+In a multi-process run only process 0 writes here (and holds the lock).
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import errno
+import fcntl
 import io
 import json
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -34,6 +41,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"
 SAMPLES_FILE = "samples.png"
+LOCK_FILE = ".lock"
 FILES = (CONFIG_FILE, METRICS_FILE, CURVES_FILE, SAMPLES_FILE)
 
 
@@ -58,6 +66,58 @@ def check_new(out: str) -> None:
             f"run folder {out!r} already exists and is not empty; pass --resume "
             "to continue it, or choose another --out"
         )
+
+
+def create(run_dir: str) -> bool:
+    """Create `run_dir` (and its parents) and check that it is writable; whether
+    it is new.
+
+    **Raises:**
+
+    `UsageError` naming the folder when it cannot be created or written to.
+    """
+    from ..checkpoint import prepare_workdir
+
+    created = not os.path.exists(run_dir)
+    try:
+        prepare_workdir(run_dir, clean=False)
+    except OSError as e:
+        raise UsageError(f"run folder {run_dir!r}: {one_line(e)}") from None
+    return created
+
+
+def remove_if_empty(run_dir: str) -> None:
+    """Remove `run_dir` when it holds nothing but its lock (a refused new run)."""
+    if set(os.listdir(run_dir)) <= {LOCK_FILE}:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def hold(run_dir: str) -> Iterator[None]:
+    """Hold `run_dir/.lock` for the duration of the block: one run at a time.
+
+    **Raises:**
+
+    `UsageError` when another process holds it (its process id is in the file).
+    """
+    path = os.path.join(run_dir, LOCK_FILE)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise UsageError(
+                f"run folder {run_dir!r} is in use by another eqx-steps train "
+                f"(process {owner}); wait for it to end, or choose another --out"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _read_json(path: str) -> dict[str, Any]:

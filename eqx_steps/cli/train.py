@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
-from typing import Any
+import sys
+import warnings
+from typing import Any, NoReturn
 
 from . import _run_folder as folder
 from ._data import Data, load_data
-from ._errors import reported, UsageError
+from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
 from ._report import denoise, scico_line, summary
 from ._runtime import distributed_args, host, is_main_process, start_jax
@@ -40,6 +43,12 @@ def add_parser(commands: Any, formatter: Any) -> None:
         "settings (options given here override them, e.g. more --epochs)",
     )
     parser.add_argument(
+        "--fallback",
+        action="store_true",
+        help="with --resume: when the latest checkpoint is corrupt, continue from "
+        "the newest older one that is not (default: stop with an error)",
+    )
+    parser.add_argument(
         "--config",
         metavar="FILE",
         help="TOML or JSON file of settings with the keys of these options (e.g. "
@@ -50,6 +59,8 @@ def add_parser(commands: Any, formatter: Any) -> None:
 
 def _settings(args: argparse.Namespace) -> tuple[dict[str, Any], str, Any]:
     """The run's settings (saved < config file < options), folder and job."""
+    if args.fallback and not args.resume:
+        raise UsageError("--fallback goes with --resume: it chooses the checkpoint")
     given = {k: v for k, v in vars(args).items() if k in BY_NAME and v is not None}
     from_file = read_config_file(args.config) if args.config else {}
     out = given.get("out", from_file.get("out"))
@@ -103,9 +114,11 @@ def trainer_config(settings: dict[str, Any], workdir: str) -> dict[str, Any]:
 
 
 def _make_trainer(
-    settings: dict[str, Any], data: Data, workdir: str, created: bool
-) -> Any:
-    """The `BasicTrainer`; a refused run leaves no folder behind."""
+    settings: dict[str, Any], data: Data, workdir: str, created: bool, fallback: bool
+) -> tuple[Any, str]:
+    """The `BasicTrainer` and why it starts where it does; a refused run leaves
+    no folder behind."""
+    from ..checkpoint import CheckpointFallbackWarning
     from ..trainer import BasicTrainer
 
     model, model_state = build_model(settings, data.channels)
@@ -113,21 +126,39 @@ def _make_trainer(
     if data.train_step_fn is not None:
         config["train_step_fn"] = data.train_step_fn
     try:
-        with reported():
-            return BasicTrainer(
-                config, model, data.train, data.test, model_state=model_state
+        with reported(), warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CheckpointFallbackWarning)
+            trainer = BasicTrainer(
+                config,
+                model,
+                data.train,
+                data.test,
+                model_state=model_state,
+                fallback=fallback,
             )
     except UsageError:
-        if created and is_main_process() and not os.listdir(workdir):
-            os.rmdir(workdir)
+        if created and is_main_process():
+            folder.remove_if_empty(workdir)
         raise
+    why = "the latest complete checkpoint"
+    for w in caught:
+        if issubclass(w.category, CheckpointFallbackWarning):
+            why = f"--fallback {one_line(str(w.message))}"
+        else:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return trainer, why
 
 
-def _open_folder(workdir: str, multi_process: bool) -> bool:
-    """Create the run folder (before the trainer looks for checkpoints in it, so
-    that every process sees the same thing); whether it is new."""
-    created = not os.path.exists(workdir)
-    os.makedirs(workdir, exist_ok=True)
+def _open_folder(
+    workdir: str, multi_process: bool, stack: contextlib.ExitStack
+) -> bool:
+    """Create the run folder, check it is writable and hold its lock (process 0;
+    before the trainer looks for checkpoints in it, so that every process sees
+    the same thing); whether it is new."""
+    created = False
+    if is_main_process():
+        created = folder.create(workdir)
+        stack.enter_context(folder.hold(workdir))
     if multi_process:
         from jax.experimental import multihost_utils
 
@@ -197,22 +228,64 @@ def _finish(
     )
 
 
+def _interrupted(error: Any, out: str) -> NoReturn:
+    """Report a run stopped by SIGINT/SIGTERM on one line; exit 128 + the signal.
+
+    After a second signal the process ends at once (`os._exit`: no waiting for
+    the threads of a save in progress); the previous checkpoint is intact.
+    """
+    again = f"continue with eqx-steps train --out {out} --resume"
+    if error.step is None:
+        if is_main_process():
+            print(
+                f"interrupted again ({error.signal.name}): stopped at once without "
+                f"a new checkpoint; the previous one is intact; {again}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.stdout.flush()
+        os._exit(error.exit_status)
+    if is_main_process():
+        print(
+            f"interrupted at step {error.step}; checkpoint saved; {again}",
+            file=sys.stderr,
+            flush=True,
+        )
+    raise SystemExit(error.exit_status)
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps train` with the parsed `args`; the exit status."""
+    from ..trainer import TrainingInterrupted
+
     settings, out, distributed = _settings(args)
     start_jax(settings["devices"], distributed)
     main = is_main_process()
     workdir = os.path.abspath(out)
     data = load_data(settings)
-    created = _open_folder(workdir, distributed is not None)
-    trainer = _make_trainer(settings, data, workdir, created)
-    if main:
-        folder.write_config(workdir, _run_config(settings, data, workdir))
-        if args.resume and int(host(trainer.state.step)) == 0:
-            print(f"No checkpoint in {out!r} yet: starting from step 0.")
-        print(_header(settings, data, trainer, out), flush=True)
-    state, history = trainer.train()
-    text = _finish(settings, data, state, history, workdir)
+    with contextlib.ExitStack() as stack:
+        created = _open_folder(workdir, distributed is not None, stack)
+        trainer, why = _make_trainer(settings, data, workdir, created, args.fallback)
+        if main:
+            folder.write_config(workdir, _run_config(settings, data, workdir))
+            start = int(host(trainer.state.step))
+            if args.resume:
+                print(
+                    f"Resuming from step {start}: {why}."
+                    if start
+                    else f"No checkpoint in {out!r} yet: starting from step 0."
+                )
+            print(_header(settings, data, trainer, out), flush=True)
+        try:
+            state, history = trainer.train()
+        except TrainingInterrupted as e:
+            _interrupted(e, out)
+        except KeyboardInterrupt:  # before the trainer's handlers were installed
+            print("interrupted before training started", file=sys.stderr)
+            raise SystemExit(130) from None
+        except OSError as e:  # a checkpoint that could not be written
+            raise UsageError(one_line(e)) from None
+        text = _finish(settings, data, state, history, workdir)
     if main:
         print(text, flush=True)
     return 0
