@@ -17,186 +17,41 @@ Exporting a trained model to one file (`save_model`/`load_model`) lives in
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import os
-import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-from jaxtyping import PyTree
-from orbax.checkpoint.checkpoint_managers import LatestN
 
+from ._checkpoint_parts import (
+    _check_state,
+    _compare,
+    _CONFIG,
+    _config_dict,
+    _corrupt,
+    _CorruptStep,
+    _host_int,
+    _is_key,
+    _key_impl,
+    _manager,
+    _MAX_TO_KEEP,
+    _remove_partial,
+    _short,
+    _STATE,
+    _workdir,
+)
 from ._validate import check_int
 from .state import TrainState
 
 
-_MAX_TO_KEEP = 3
-# The items of a checkpoint step: the state's arrays and the run's JSON config.
-_STATE = "state"
-_CONFIG = "config"
-# orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete.
-_TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-# ---------------------------------------------------------------------------
-# Helpers
-
-
-def _workdir(workdir: str | os.PathLike) -> Path:
-    if not isinstance(workdir, (str, os.PathLike)):
-        raise TypeError(
-            f"`workdir` must be a path (str or os.PathLike), got "
-            f"{type(workdir).__name__}: {workdir!r}."
-        )
-    return Path(os.path.abspath(os.fspath(workdir)))
-
-
-@contextlib.contextmanager
-def _manager(
-    path: Path, *, create: bool, max_to_keep: int = _MAX_TO_KEEP
-) -> Iterator[ocp.CheckpointManager]:
-    options = ocp.CheckpointManagerOptions(
-        preservation_policy=LatestN(max_to_keep),
-        create=create,
-        # A returned save is a complete save.
-        enable_async_checkpointing=False,
-    )
-    # Naming the handlers lets a fresh manager read a checkpoint's metadata.
-    # (orbax 0.12.8 emits no Python warnings on these calls, even under `-W error`.)
-    handlers = {
-        _STATE: ocp.StandardCheckpointHandler(),
-        _CONFIG: ocp.JsonCheckpointHandler(),
-    }
-    manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
-    try:
-        yield manager
-    finally:
-        manager.close()
-
-
-def _is_key(x: Any) -> bool:
-    dtype = getattr(x, "dtype", None)
-    return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
-
-
-def _key_impl(x: Any) -> Any:
-    if isinstance(x, jax.Array):
-        return jax.random.key_impl(x)
-    return getattr(x.dtype, "_impl", None)
-
-
-def _path_str(path: tuple) -> str:
-    return jax.tree_util.keystr(path) or "<root>"
-
-
-def _orbax_name(path: tuple) -> tuple[str, ...]:
-    # How orbax names a leaf (orbax.checkpoint.tree.str_keypath).
-    names = []
-    for k in path:
-        if isinstance(k, jax.tree_util.SequenceKey):
-            names.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.DictKey):
-            names.append(str(k.key))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            names.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            names.append(str(k.key))
-        else:
-            names.append(str(k))
-    return tuple(names)
-
-
-def _host_int(x: Any) -> int:
-    # A replicated array of a multi-process run is not fully addressable; any
-    # local copy holds the value.
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        x = x.addressable_data(0)
-    return int(np.asarray(x))
-
-
-def _short(error: BaseException, limit: int = 300) -> str:
-    while error.__cause__ is not None:  # the root cause says what went wrong
-        error = error.__cause__
-    text = str(error).strip().splitlines()
-    first = text[0] if text else type(error).__name__
-    return first if len(first) <= limit else first[:limit] + "..."
-
-
-def _jsonable(value: Any) -> tuple[bool, Any]:
-    """`(True, json_value)` for JSON-representable values, `(False, None)` else."""
-    if value is None or isinstance(value, (bool, str)):
-        return True, value
-    if isinstance(value, int):
-        return True, int(value)
-    if isinstance(value, float):
-        return True, value
-    if isinstance(value, np.generic) and not isinstance(value, np.void):
-        return _jsonable(value.item())
-    if isinstance(value, (np.ndarray, jax.Array)) and value.ndim == 0:
-        if _is_key(value):
-            return False, None
-        return _jsonable(np.asarray(value).item())
-    if isinstance(value, Mapping):
-        out = {}
-        for k, v in value.items():
-            if not isinstance(k, str):
-                return False, None
-            ok, v = _jsonable(v)
-            if ok:
-                out[k] = v
-        return True, out
-    if isinstance(value, (list, tuple)):
-        items = [_jsonable(v) for v in value]
-        if all(ok for ok, _ in items):
-            return True, [v for _, v in items]
-        return False, None
-    return False, None
-
-
-def _config_dict(config: Any) -> dict[str, Any]:
-    if config is None:
-        return {}
-    if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        config = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    if not isinstance(config, Mapping):
-        raise TypeError(
-            f"`config` must be a dict (or a dataclass instance, or None), got "
-            f"{type(config).__name__}."
-        )
-    _, out = _jsonable(dict(config))
-    return out
-
-
 # ---------------------------------------------------------------------------
 # Checkpoints
-
-
-def _check_state(state: Any) -> None:
-    if not isinstance(state, TrainState):
-        raise TypeError(
-            f"`state` must be an eqx_steps.TrainState, got {type(state).__name__}; "
-            "build one with `TrainState.create(model, tx)`."
-        )
-
-
-def _remove_partial(path: Path) -> list[str]:
-    """Remove the temporary folders of saves that did not complete (a crash, a
-    kill, a full disk); the names removed."""
-    if not path.is_dir():
-        return []
-    removed = [p for p in path.iterdir() if _TMP_MARK in p.name]
-    for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
-    return [p.name for p in removed]
 
 
 def prepare_workdir(workdir: str | os.PathLike, *, clean: bool = True) -> list[str]:
@@ -260,6 +115,20 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
         return None
     steps = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
     return max(steps, default=None)
+
+
+def _save_failed(path: Path, step: int, error: Exception) -> OSError:
+    """The error of a save that failed part-way, after removing its temporary
+    folder; the complete steps are untouched."""
+    _remove_partial(path)
+    latest = latest_step(path)
+    kept = "no earlier checkpoint" if latest is None else f"step {latest}"
+    return OSError(
+        f"could not save checkpoint step {step} in {str(path)!r} "
+        f"({type(error).__name__}: {_short(error, 2000)}); the last complete "
+        f"checkpoint ({kept}) is intact; free disk space or fix the folder, then "
+        "resume",
+    )
 
 
 def checkpoint_save(
@@ -340,89 +209,8 @@ def checkpoint_save(
     return True
 
 
-def _save_failed(path: Path, step: int, error: Exception) -> OSError:
-    """The error of a save that failed part-way, after removing its temporary
-    folder; the complete steps are untouched."""
-    _remove_partial(path)
-    latest = latest_step(path)
-    kept = "no earlier checkpoint" if latest is None else f"step {latest}"
-    return OSError(
-        f"could not save checkpoint step {step} in {str(path)!r} "
-        f"({type(error).__name__}: {_short(error, 2000)}); the last complete "
-        f"checkpoint ({kept}) is intact; free disk space or fix the folder, then "
-        "resume",
-    )
-
-
-class _CorruptStep(ValueError):
-    """A step that cannot be read back (as opposed to one unlike `state`)."""
-
-    def __init__(self, text: str, step: int, reason: str):
-        super().__init__(text)
-        self.step, self.reason = step, reason
-
-
 class CheckpointFallbackWarning(UserWarning):
     """`checkpoint_restore(..., fallback=True)` skipped corrupt latest steps."""
-
-
-def _corrupt(
-    path: Path, step: int, steps: list[int], error: BaseException
-) -> _CorruptStep:
-    older = [s for s in steps if s < step]
-    hint = (
-        f" Older steps on disk: {older}; restore with fallback=True (the command: "
-        f"--resume --fallback), or delete {str(path / str(step))!r}, to resume "
-        f"from step {older[-1]}."
-        if older
-        else " No older step is on disk: start the run afresh."
-    )
-    reason = f"{type(error).__name__}: {_short(error)}"
-    return _CorruptStep(
-        f"checkpoint step {step} in {str(path)!r} is incomplete or corrupt "
-        f"({reason}).{hint}",
-        step,
-        reason,
-    )
-
-
-def _compare(path: Path, step: int, target: PyTree, metadata: Any) -> None:
-    """Raise a `ValueError` at the first leaf of `target` unlike the checkpoint."""
-    stored = {
-        _orbax_name(p): leaf
-        for p, leaf in jax.tree_util.tree_flatten_with_path(metadata.tree)[0]
-    }
-    where = f"checkpoint step {step} in {str(path)!r}"
-    fix = (
-        "; restore into a state built like the saved one (same model, model state, "
-        "optimizer and key), or use another `workdir`."
-    )
-    wanted = jax.tree_util.tree_flatten_with_path(target)[0]
-    for p, leaf in wanted:
-        meta = stored.pop(_orbax_name(p), None)
-        if meta is None:
-            raise ValueError(
-                f"`state` leaf `{_path_str(p)}` (shape {tuple(leaf.shape)}) is not in "
-                f"the {where}{fix}"
-            )
-        shape = tuple(getattr(meta, "shape", None) or ())
-        dtype = getattr(meta, "dtype", None)
-        if shape != tuple(leaf.shape):
-            raise ValueError(
-                f"`state` leaf `{_path_str(p)}` has shape {tuple(leaf.shape)} but "
-                f"shape {shape} in the {where}{fix}"
-            )
-        if dtype is not None and jnp.dtype(dtype) != jnp.dtype(leaf.dtype):
-            raise ValueError(
-                f"`state` leaf `{_path_str(p)}` has dtype {jnp.dtype(leaf.dtype)} but "
-                f"dtype {jnp.dtype(dtype)} in the {where}{fix}"
-            )
-    if stored:
-        name = ".".join(next(iter(stored)))
-        raise ValueError(
-            f"the {where} has a leaf `{name}` that `state` lacks (e.g. another model "
-            f"or optimizer){fix}"
-        )
 
 
 def _restore_step(

@@ -29,9 +29,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import PyTree
 
+from ._checkpoint_parts import _is_key, _key_impl, _short
 from ._io import atomic_write
 from ._validate import check_bool
-from .checkpoint import _is_key, _key_impl, _short
 
 
 MAGIC = b"EQXSTEPS-MODEL\n"

@@ -37,11 +37,12 @@ from ._hooks import (
     StepInfo as StepInfo,
 )
 from ._preempt import StopRequests, TrainingInterrupted as TrainingInterrupted
+from ._trainer_setup import call_size, initial_state, reads_injected_rate, train_fns
 from ._validate import check_dataset, check_divisible, check_int
-from .checkpoint import checkpoint_restore, checkpoint_save, prepare_workdir
+from .checkpoint import checkpoint_save
 from .data import create_input_iter, DeviceIter
 from .evaluate import evaluate_dataset
-from .parallel import parallel_eval_step, parallel_train_step
+from .parallel import parallel_eval_step
 from .schedules import as_schedule
 from .state import per_example, TrainState
 
@@ -49,78 +50,6 @@ from .state import per_example, TrainState
 METRICS_FILE = "metrics.jsonl"
 """The file in `workdir` that the trainer appends a record to at each log point
 (when `config["log"]`); it has no other writer."""
-
-
-def _initial_state(
-    cfg: TrainConfig,
-    config: Mapping[str, Any],
-    model: PyTree,
-    schedule: optax.Schedule,
-    *,
-    tx: optax.GradientTransformation | None,
-    fallback: bool,
-    **options: Any,
-) -> TrainState:
-    """The state to start from: created as `BasicTrainer` documents, then restored
-    from `cfg.workdir` when checkpointing (after checking that the folder is
-    writable and removing the temporary folders of interrupted saves)."""
-    if tx is not None:
-        state = TrainState.create(model, tx, **options)
-    else:
-        state = cfg.create_train_state(
-            config, model, schedule, model_state=options["model_state"]
-        )
-        if not isinstance(state, TrainState):
-            raise TypeError(
-                "config['create_train_state'] must return an eqx_steps.TrainState, "
-                f"got {type(state).__name__}."
-            )
-        defaults = {"key": None, "trainable": eqx.is_inexact_array}
-        if options["forward"] is not per_example or any(
-            options[k] is not v for k, v in defaults.items()
-        ):
-            options["model_state"] = state.model_state
-            state = TrainState.create(state.model, state.tx, **options)
-    if cfg.checkpointing:
-        workdir = os.path.abspath(cfg.workdir)
-        prepare_workdir(workdir, clean=jax.process_index() == 0)
-        state = checkpoint_restore(state, workdir, ok_no_ckpt=True, fallback=fallback)
-    return state
-
-
-def _train_fns(
-    cfg: TrainConfig, schedule: optax.Schedule | None
-) -> dict[int, Callable]:
-    """The parallel training steps by steps per call: 1 and `cfg.steps_per_call`."""
-    return {
-        k: parallel_train_step(
-            schedule,
-            cfg.criterion,
-            cfg.metrics_fn,
-            post_lst=cfg.post_lst,
-            train_step_fn=cfg.train_step_fn,
-            backend=cfg.backend,
-            donate=True,  # the trainer owns its states
-            steps_per_call=k,
-            nan_policy=cfg.nan_policy,
-        )
-        for k in {1, cfg.steps_per_call}
-    }
-
-
-def _call_size(step: int, k: int, end: int, periods: list[int]) -> int:
-    """`k` steps, or 1 when fewer than `k` remain before `end` or the next
-    multiple of one of the `periods`."""
-    stop = min([end] + [(step // p + 1) * p for p in periods])
-    return k if stop - step >= k else 1
-
-
-def _reads_injected_rate(opt_state: optax.OptState) -> bool:
-    """Whether an optimizer state holds its learning rate (`inject_hyperparams`)."""
-    try:
-        return optax.tree_utils.tree_get(opt_state, "learning_rate") is not None
-    except KeyError:  # several: the train step reports the first one
-        return True
 
 
 class BasicTrainer:
@@ -204,8 +133,20 @@ class BasicTrainer:
         self.train_ds, self.test_ds = train_ds, test_ds
         self.ishape = tuple(np.shape(train_ds["image"])[1:])
         # The iterators validate the data (lengths, enough examples for a batch).
+        # Inputs in the model's floating dtype (integer images are cast, as SCICO's
+        # iterator casts them; float64 under x64 stays float64 for such a model).
+        floats = {
+            jax.numpy.dtype(x.dtype)
+            for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
+        }
+        self.dtype = floats.pop() if len(floats) == 1 else jax.numpy.dtype("float32")
         self.eval_dt_iter = create_input_iter(
-            self.data_key, test_ds, self.batch_size, train=False
+            self.data_key,
+            test_ds,
+            self.batch_size,
+            train=False,
+            dtype=self.dtype,
+            name="test_ds",
         )
         self.train_dt_iter = self._train_iter(0, 1)
         self.steps_per_epoch = int(self.train_dt_iter.steps_per_epoch)
@@ -222,7 +163,7 @@ class BasicTrainer:
         self.lr_schedule = as_schedule(
             cfg.lr_schedule(config), "the result of config['lr_schedule']"
         )
-        self.state = _initial_state(
+        self.state = initial_state(
             cfg,
             config,
             model,
@@ -236,8 +177,8 @@ class BasicTrainer:
         )
         if int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
-        injected = tx is not None and _reads_injected_rate(self.state.opt_state)
-        self._train_fns = _train_fns(cfg, None if injected else self.lr_schedule)
+        injected = tx is not None and reads_injected_rate(self.state.opt_state)
+        self._train_fns = train_fns(cfg, None if injected else self.lr_schedule)
         self.eval_fn = parallel_eval_step(
             cfg.criterion,
             cfg.metrics_fn,
@@ -253,8 +194,10 @@ class BasicTrainer:
             self.train_ds,
             self.batch_size,
             train=True,
+            dtype=self.dtype,
             steps_per_call=steps_per_call,
             start_step=step,
+            name="train_ds",
         )
 
     def log(self, text: str) -> None:
@@ -399,7 +342,7 @@ class BasicTrainer:
         with contextlib.ExitStack() as stack:
             hooks = self._builtin_hooks(step, stack) + self._hooks
             while step < self.num_steps:
-                k = _call_size(step, cfg.steps_per_call, self.num_steps, periods)
+                k = call_size(step, cfg.steps_per_call, self.num_steps, periods)
                 if k not in iters or iters[k].step != step:
                     iters[k] = self._train_iter(step, k)
                 state, metrics = self._train_fns[k](state, next(iters[k]))

@@ -256,3 +256,6 @@ def test_an_empty_test_set_is_named_test_ds():
         es.only_apply(config, mlp(), empty)
     with pytest.raises(ValueError, match="`test_ds` has no examples"):
         es.create_input_iter(None, empty, 8, train=False, name="test_ds")
+    ds8 = {"image": np.zeros((8, 4), np.float32), "label": np.zeros((8, 2))}
+    with pytest.raises(ValueError, match="`test_ds` has no examples"):
+        es.BasicTrainer(config, mlp(), ds8, empty)
