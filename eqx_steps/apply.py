@@ -30,10 +30,10 @@ from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
 from .state import DEVICE_AXIS, TrainState
 from .steps import (
-    apply_forward,
+    _apply_forward,
+    _check_inputs,
     AxisName,
     Batch,
-    check_inputs,
     Criterion,
     MetricsFn,
 )
@@ -58,7 +58,7 @@ def _checkpoint_folder(
     return None
 
 
-def restore_state(
+def _restore_state(
     config: Mapping[str, Any] | TrainConfig,
     model: PyTree,
     model_state: eqx.nn.State | None = None,
@@ -172,8 +172,8 @@ def _output_step(
 
     `{"output": outputs}`, the leading axis the examples of the whole batch.
     """
-    check_inputs(state, batch)
-    output, _ = apply_forward(state, state.model, batch["image"], inference=True)
+    _check_inputs(state, batch)
+    output, _ = _apply_forward(state, state.model, batch["image"], inference=True)
     if axis_name is not None:
         output = jax.tree_util.tree_map(
             lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output
@@ -232,7 +232,7 @@ def only_apply(
     `ValueError` naming `model_state` when the model needs one and it is `None`.
     """
     _check_test_ds(test_ds, ("image",))
-    cfg, state = restore_state(
+    cfg, state = _restore_state(
         config, model, model_state, workdir, use_checkpoint=use_checkpoint
     )
     apply_fn = parallel_eval_step(
@@ -283,7 +283,7 @@ def only_evaluate(
     A dict of metrics.
     """
     _check_test_ds(test_ds, ("image", "label"))
-    cfg, state = restore_state(
+    cfg, state = _restore_state(
         config, model, model_state, workdir, use_checkpoint=use_checkpoint
     )
     eval_fn = parallel_eval_step(

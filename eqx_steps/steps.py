@@ -31,7 +31,7 @@ MetricsFn = Callable[[Array, Array, Criterion], Mapping[str, Scalar]]
 PostFn = Callable[[PyTree], PyTree]
 
 
-def check_batch(batch: Any, argname: str = "batch") -> None:
+def _check_batch(batch: Any, argname: str = "batch") -> None:
     """Raise a clear error unless `batch` is a mapping with "image" and "label"."""
     if not isinstance(batch, Mapping):
         raise TypeError(
@@ -47,7 +47,7 @@ def check_batch(batch: Any, argname: str = "batch") -> None:
         )
 
 
-def check_callables(**functions: Any) -> None:
+def _check_callables(**functions: Any) -> None:
     """Raise `TypeError` naming the first of `functions` that is not callable."""
     for name, fn in functions.items():
         if not callable(fn):
@@ -58,7 +58,7 @@ def check_callables(**functions: Any) -> None:
             )
 
 
-def check_post_lst(post_lst: Any) -> tuple[PostFn, ...]:
+def _check_post_lst(post_lst: Any) -> tuple[PostFn, ...]:
     """`post_lst` as a tuple, checked to be a sequence of callables."""
     if post_lst is None:
         return ()
@@ -83,7 +83,7 @@ def _model_dtypes(model: PyTree) -> set[Any]:
     return {jnp.dtype(x.dtype) for x in leaves}
 
 
-def check_inputs(state: TrainState, batch: Batch) -> None:
+def _check_inputs(state: TrainState, batch: Batch) -> None:
     """Check what the stock `forward`s hand the model, before it is traced.
 
     With [`eqx_steps.per_example`][] or [`eqx_steps.whole_batch`][] (a custom
@@ -129,7 +129,7 @@ def _describe(x: PyTree) -> str:
     return ", ".join(f"{jnp.result_type(a)}{list(jnp.shape(a))}" for a in leaves)
 
 
-def apply_forward(
+def _apply_forward(
     state: TrainState, model: PyTree, x: PyTree, **kwargs: Any
 ) -> tuple[PyTree, eqx.nn.State | None]:
     """`state.forward(model, state.model_state, x, **kwargs)`, naming the batch when
@@ -157,7 +157,7 @@ def _no_collective(axis_name: AxisName) -> bool:
     return axis_name is None or jax.lax.axis_size(axis_name) == 1
 
 
-def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
+def _pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
     """`lax.pmean` over `axis_name`; the identity when it is `None` or has size 1."""
     if _no_collective(axis_name):
         return tree
@@ -167,7 +167,7 @@ def pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
-def mean_model_state(
+def _mean_model_state(
     model_state: eqx.nn.State | None, axis_name: AxisName
 ) -> eqx.nn.State | None:
     """Average the floating-point leaves of `model_state` over `axis_name`.
@@ -249,8 +249,8 @@ def train_step(
     A 2-tuple of the new state (`step` + 1) and the metrics, averaged over
     `axis_name`, with `"learning_rate"` added.
     """
-    check_batch(batch)
-    check_inputs(state, batch)
+    _check_batch(batch)
+    _check_inputs(state, batch)
     schedule = as_schedule(learning_rate_fn)
     x, label = batch["image"], batch["label"]
     params, static = eqx.partition(state.model, state.trainable)
@@ -258,16 +258,16 @@ def train_step(
 
     def loss_fn(params):
         model = eqx.combine(params, static)
-        output, model_state = apply_forward(state, model, x, key=key)
+        output, model_state = _apply_forward(state, model, x, key=key)
         return criterion(output, label), (output, model_state)
 
     (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params
     )
-    grads = pmean(grads, axis_name)
-    metrics = dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    grads = _pmean(grads, axis_name)
+    metrics = dict(_pmean(dict(metrics_fn(output, label, criterion)), axis_name))
     new_state = state.apply_gradients(
-        grads, model_state=mean_model_state(model_state, axis_name)
+        grads, model_state=_mean_model_state(model_state, axis_name)
     )
     if schedule is None:
         metrics["learning_rate"] = _injected_learning_rate(new_state.opt_state)
@@ -276,7 +276,7 @@ def train_step(
     return new_state, metrics
 
 
-def apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyTree:
+def _apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyTree:
     """Apply the post-processors in order to the trainable leaves of `model`.
 
     Each post-processor sees `eqx.filter(model, trainable)` (non-trainable leaves
@@ -334,11 +334,11 @@ def train_step_post(
 
     A 2-tuple of the new state and the metrics of `train_step_fn`.
     """
-    post_lst = check_post_lst(post_lst)
+    post_lst = _check_post_lst(post_lst)
     new_state, metrics = train_step_fn(
         state, batch, learning_rate_fn, criterion, metrics_fn, axis_name=axis_name
     )
-    model = apply_post(new_state.model, new_state.trainable, post_lst)
+    model = _apply_post(new_state.model, new_state.trainable, post_lst)
     return new_state.replace(model=model), metrics
 
 
@@ -371,8 +371,8 @@ def eval_step(
 
     The dict of metrics.
     """
-    check_batch(batch)
-    check_inputs(state, batch)
+    _check_batch(batch)
+    _check_inputs(state, batch)
     x, label = batch["image"], batch["label"]
-    output, _ = apply_forward(state, state.model, x, inference=True)
-    return dict(pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    output, _ = _apply_forward(state, state.model, x, inference=True)
+    return dict(_pmean(dict(metrics_fn(output, label, criterion)), axis_name))

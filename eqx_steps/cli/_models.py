@@ -97,10 +97,10 @@ def restore(
 
     `UsageError` when the checkpoint does not match the model or is corrupt.
     """
-    from ..apply import restore_state
+    from ..apply import _restore_state
 
     with reported():
         try:
-            return restore_state(train_config, model, model_state, run_dir)[1]
+            return _restore_state(train_config, model, model_state, run_dir)[1]
         except FileNotFoundError:
             return None

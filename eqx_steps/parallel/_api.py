@@ -12,9 +12,9 @@ from .._validate import check_bool, check_choice, check_int
 from ..schedules import as_schedule
 from ..state import DEVICE_AXIS, TrainState
 from ..steps import (
+    _check_callables,
+    _check_post_lst,
     Batch,
-    check_callables,
-    check_post_lst,
     Criterion,
     eval_step,
     Metrics,
@@ -144,10 +144,10 @@ def parallel_train_step(
     A function `(state, batch) -> (state, metrics)`.
     """
     as_schedule(learning_rate_fn)  # checked now, not when the step is traced
-    check_callables(
+    _check_callables(
         criterion=criterion, metrics_fn=metrics_fn, train_step_fn=train_step_fn
     )
-    post = check_post_lst(post_lst)
+    post = _check_post_lst(post_lst)
     if post:
 
         def per_device(state, batch):
@@ -210,7 +210,7 @@ def parallel_eval_step(
     the training step has.
     """
 
-    check_callables(
+    _check_callables(
         criterion=criterion, metrics_fn=metrics_fn, eval_step_fn=eval_step_fn
     )
 
