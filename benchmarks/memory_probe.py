@@ -13,6 +13,10 @@ no collective (the floor: no buffers for the gradient all-reduce).
 `--impl library-split` is the library with XLA's CPU all-reduce combiner turned
 off (`XLA_FLAGS=... --xla_disable_hlo_passes=cpu-all-reduce-combiner`, which the
 caller sets): one all-reduce per gradient leaf instead of one for all of them.
+`--impl library-sharded` runs `backend="sharded"`, and `--impl library-zero` the
+same with `shard_optimizer_state=True` (each device keeps 1/N of Adam's moments).
+The width is a multiple of 8, so that the large layers divide by the device count.
+`step_s` is the median wall time of one of the measured steps.
 """
 
 from __future__ import annotations
@@ -47,7 +51,14 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--impl",
-        choices=("library", "library-split", "baseline", "baseline-jit"),
+        choices=(
+            "library",
+            "library-split",
+            "library-sharded",
+            "library-zero",
+            "baseline",
+            "baseline-jit",
+        ),
         default="library",
     )
     p.add_argument("--donate", type=int, choices=(0, 1), default=1)
@@ -56,6 +67,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.impl == "library-split" and NO_COMBINER not in os.environ["XLA_FLAGS"]:
         p.error(f"--impl library-split needs XLA_FLAGS={NO_COMBINER}")
+
+    import time
 
     import equinox as eqx
     import jax
@@ -67,7 +80,7 @@ def main(argv=None):
 
     # MLP 64 -> width x (depth - 1) -> 64: about depth * width^2 parameters.
     depth = 4
-    width = max(8, int(round((args.params / (depth - 1)) ** 0.5)))
+    width = max(8, 8 * int(round((args.params / (depth - 1)) ** 0.5 / 8)))
     n = jax.device_count()
     batch = w.batch("tiny", w.Sizes(batch=8 * n, features=(64, width, 64)))
     trim()
@@ -82,7 +95,12 @@ def main(argv=None):
     if args.impl.startswith("library"):
         state = es.TrainState.create(model, w.TX)
         del model
-        step = w.library_step("train", "pmap", donate=bool(args.donate))
+        step = w.library_step(
+            "train",
+            "sharded" if args.impl in ("library-sharded", "library-zero") else "pmap",
+            donate=bool(args.donate),
+            shard_optimizer_state=args.impl == "library-zero",
+        )
         analyse = _analyse  # step.lower(state, batch): the public view
         jax.block_until_ready(state)
         state_mb = rss_mb()
@@ -104,9 +122,12 @@ def main(argv=None):
     jax.block_until_ready((state, metrics))
     first_peak_mb, start_mb = peak.reset()
     xla = analyse(step, state, batch)
+    times = []
     for _ in range(args.steps):
+        t0 = time.perf_counter()
         state, metrics = step(state, batch)
-    jax.block_until_ready((state, metrics))
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - t0)
     print(
         json.dumps(
             {
@@ -123,6 +144,7 @@ def main(argv=None):
                 "steps_start_mb": start_mb,
                 "steps_peak_mb": peak.max_mb(),
                 "loss": float(np.asarray(metrics["loss"])),
+                "step_s": float(np.median(times)),
                 # XLA's own accounting of the compiled step, per device
                 **xla,
             }

@@ -292,6 +292,112 @@ def memory_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def loop_table(records: list[dict]) -> list[str]:
+    """`test_loop.py`: the trainer's time per step beside a bare loop of its step."""
+    rows = [b["extra_info"] for b in records if b["group"] == "loop"]
+    if not rows:
+        return []
+    lines = [
+        "| workload | backend | devices | steps | trainer | bare loop "
+        "| ratio (medians) | target |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["workload"], r["backend"], r["devices"])):
+        target = 1.05 if r["workload"] == "dncnn" else 1.5
+        trainer, bare = _stat(r["trainer_s"], "median"), _stat(r["bare_s"], "median")
+        lines.append(
+            f"| {r['workload']} | {r['backend']} | {r['devices']} | {r['steps']} "
+            f"| {fmt_time(trainer)} | {fmt_time(bare)} | {trainer / bare:.3f} "
+            f"| <= {target} {'met' if trainer / bare <= target else 'missed'} |"
+        )
+    return lines
+
+
+def scaling_rows(records: list[dict]) -> list[dict]:
+    """`test_scaling.py`'s records: per-step medians of library and baseline."""
+    rows = []
+    for b in records:
+        if b["group"] != "scaling":
+            continue
+        r = dict(b["extra_info"])
+        r["library"] = _stat(r["library_s"], "median")
+        r["baseline"] = _stat(r["baseline_s"], "median")
+        rows.append(r)
+    return rows
+
+
+def scaling_plot(records: list[dict], path: str) -> list[str]:
+    """Plot step time against batch, image size and devices into `path` (PNG);
+    returns a markdown table of the points."""
+    rows = scaling_rows(records)
+    if not rows:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    panels = [
+        ("batch", "batch", lambda r: r["axis"] == "batch", "global batch (64x64)"),
+        (
+            "image",
+            "hw",
+            lambda r: r["axis"] == "image" or r["batch"] == 16,
+            "image side (batch 16)",
+        ),
+        (
+            "devices",
+            "devices",
+            lambda r: r["axis"] == "batch" and r["batch"] == 16,
+            "devices (batch 16, 64x64)",
+        ),
+    ]
+    for ax, (_, key, keep, label) in zip(axes, panels):
+        for backend, colour in (("pmap", "C0"), ("sharded", "C1")):
+            for role, style in (("library", "-o"), ("baseline", "--x")):
+                points = {}
+                for r in rows:
+                    if (
+                        r["backend"] == backend
+                        and keep(r)
+                        and (
+                            key == "devices"
+                            or r["devices"] == max(x["devices"] for x in rows)
+                        )
+                    ):
+                        points[r[key]] = r[role]
+                if points:
+                    xs = sorted(points)
+                    ax.plot(
+                        xs,
+                        [points[x] * 1e3 for x in xs],
+                        style,
+                        color=colour,
+                        label=f"{backend} {role}",
+                    )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per step")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    lines = [
+        "| devices | backend | batch | image | library | baseline | ratio |",
+        "|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(
+        rows, key=lambda r: (r["devices"], r["backend"], r["batch"], r["hw"])
+    ):
+        lines.append(
+            f"| {r['devices']} | {r['backend']} | {r['batch']} | {r['hw']} "
+            f"| {fmt_time(r['library'])} | {fmt_time(r['baseline'])} "
+            f"| {r['library'] / r['baseline']:.3f} |"
+        )
+    return lines
+
+
 # ---------------------------------------------------------------------------
 # The targets of the issue.
 
@@ -483,6 +589,17 @@ def report(records: list[dict], tolerance: float, command: str) -> str:
             "",
             *mem,
         ]
+    loop = loop_table(records)
+    if loop:
+        parts += [
+            "",
+            "The whole loop: `BasicTrainer.train()` (one epoch, its iterator, hooks, "
+            "one evaluation batch, the non-finite check) against a bare loop of the "
+            "same parallel step on batches placed beforehand; time per step, "
+            "interleaved rounds.",
+            "",
+            *loop,
+        ]
     unroll = unroll_summary(groups)
     if unroll:
         parts += [
@@ -540,6 +657,9 @@ def main(argv=None) -> None:
     p.add_argument(
         "--no-memory", action="store_true", help="leave out the memory benchmark"
     )
+    p.add_argument(
+        "--scaling-plot", metavar="PNG", help="plot test_scaling.py's records here"
+    )
     args = p.parse_args(argv)
     STAT = args.stat
     command = "python benchmarks/report.py " + " ".join(
@@ -554,7 +674,7 @@ def main(argv=None) -> None:
         paths = []
         extra = ["-k", args.keyword] if args.keyword else []
         for n in [int(d) for d in args.devices.split(",")]:
-            select = ["benchmarks/test_steps.py"]
+            select = ["benchmarks/test_steps.py", "benchmarks/test_loop.py"]
             if not args.no_memory:
                 select.append("benchmarks/test_memory.py")
             for run in range(args.max_runs):
@@ -578,6 +698,8 @@ def main(argv=None) -> None:
                 select = todo
         records = load(paths)
     text = report(records, args.tolerance, command)
+    if args.scaling_plot:
+        text += "\n" + "\n".join(scaling_plot(records, args.scaling_plot)) + "\n"
     print(text)
     if args.update_doc:
         update_doc(args.update_doc, text)

@@ -17,7 +17,7 @@ from memory import NO_COMBINER
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-IMPLS = ("library", "library-split", "baseline", "baseline-jit")
+IMPLS = ("library", "library-split", "library-zero", "baseline", "baseline-jit")
 
 
 def probe(impl: str, donate: bool, params: float) -> dict:
@@ -48,7 +48,7 @@ def probe(impl: str, donate: bool, params: float) -> dict:
 @pytest.mark.parametrize("donate", [True, False], ids=["donate", "nodonate"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_memory(benchmark, impl, donate, quick):
-    if quick and impl not in ("library", "library-split"):
+    if quick and impl not in ("library", "library-split", "library-zero"):
         pytest.skip("the baselines run with --benchmark-only")
     params = 1e6 if quick else 50e6
     benchmark.group = "memory"

@@ -116,6 +116,7 @@ def library_step(
     steps_per_call: int = 1,
     unroll: int | bool | str = "auto",
     nan_policy: str = "ignore",
+    shard_optimizer_state: bool = False,
 ):
     """The library's parallel callable for `kind` in `train`, `post`, `eval`."""
     if kind == "eval":
@@ -130,6 +131,7 @@ def library_step(
         steps_per_call=steps_per_call,
         nan_policy=nan_policy,
         unroll=unroll,
+        shard_optimizer_state=shard_optimizer_state,
     )
 
 

@@ -27,6 +27,7 @@ from ._nonfinite import NanPolicy, NonFinitePolicy
 from ._scan import check_unroll, Unroll
 from ._step import ParallelStep
 from ._strategies import STRATEGIES
+from ._zero import shard_update, ZeroStrategy
 
 
 Backend = Literal["pmap", "sharded"]
@@ -64,13 +65,24 @@ def _build(
     unroll: Any,
     nan_policy: Any,
     compiler_options: Any,
+    shard_optimizer_state: Any = False,
 ) -> ParallelStep:
     """The step, with every option checked at this public boundary."""
     check_choice("backend", backend, tuple(STRATEGIES))
+    strategy = STRATEGIES[backend](devices)
+    if check_bool("shard_optimizer_state", shard_optimizer_state):
+        if backend != "sharded":
+            raise ValueError(
+                f"`shard_optimizer_state` = True needs backend='sharded', got "
+                f"backend={backend!r}; pass backend='sharded' (or "
+                "shard_optimizer_state=False)."
+            )
+        strategy = ZeroStrategy(strategy.devices)
+        per_device = shard_update(per_device, len(strategy.devices))
     return ParallelStep(
         per_device,
         returns_state=returns_state,
-        strategy=STRATEGIES[backend](devices),
+        strategy=strategy,
         donate=check_bool("donate", donate),
         steps_per_call=check_int("steps_per_call", steps_per_call, minimum=1),
         unroll=check_unroll(unroll),
@@ -93,6 +105,7 @@ def parallel_train_step(
     unroll: Unroll = "auto",
     compiler_options: dict[str, Any] | None = None,
     devices: Sequence[Any] | None = None,
+    shard_optimizer_state: bool = False,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """Build a data-parallel training step over every device.
 
@@ -138,6 +151,16 @@ def parallel_train_step(
         a donated step on several CPU devices (see docs/performance.md).
     - `devices`: the devices to run on (default: every device of the backend);
         the batch's device axis has one entry per device of this process.
+    - `shard_optimizer_state`: `backend="sharded"` only: keep 1/N of the
+        optimizer state on each of the N devices (ZeRO stage 1): each device
+        updates its slice of every parameter leaf (cut along the leaf's largest
+        axis that divides by N; leaves with no such axis stay whole) and the
+        update slices are all-gathered. Results equal the replicated step; the
+        returned state's `opt_state` leaves are global arrays laid out over the
+        devices (checkpoints store and restore them into either layout). Needs
+        an elementwise optimizer (Adam, SGD, momentum, weight decay, schedules):
+        one that reduces over a leaf (`optax.clip_by_global_norm`, LAMB) is
+        refused with a `ValueError` at the first call.
 
     **Returns:**
 
@@ -184,6 +207,7 @@ def parallel_train_step(
         unroll=unroll,
         nan_policy=nan_policy,
         compiler_options=compiler_options,
+        shard_optimizer_state=shard_optimizer_state,
     )
 
 

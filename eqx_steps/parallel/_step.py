@@ -119,7 +119,7 @@ class ParallelStep:
             axis_size=len(self._strategy.devices),
         )
         return jax.jit(
-            self._strategy.map(body, self._placement.device_axis),
+            self._strategy.map(body, self._placement.device_axis, static),
             donate_argnums=(0,) if self._donate else (),
             compiler_options=self._compiler_options,
         )
@@ -129,7 +129,8 @@ class ParallelStep:
         arrays, static = split(state)
         _check_not_donated(arrays)
         fn = self._cache.get(static)
-        return self._placement.state(arrays, copy=copy), static, fn
+        arrays = self._placement.state(arrays, copy=copy)
+        return self._strategy.place_state(arrays, static), static, fn
 
     def __call__(self, state: TrainState, batch: Batch) -> Any:
         self._placement.check_batch(batch)

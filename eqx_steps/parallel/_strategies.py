@@ -26,7 +26,16 @@ from ._mesh import check_devices, device_mesh
 Body = Callable[[list[Any], Any], Any]
 
 
-class PmapStrategy:
+class Strategy:
+    """What every backend has: the state's arrays placed as they are."""
+
+    def place_state(self, arrays: list[Any], static: Any) -> list[Any]:
+        """The state's `arrays`, already on the mesh, laid out for this backend."""
+        del static
+        return arrays
+
+
+class PmapStrategy(Strategy):
     """`backend="pmap"`: `eqx.filter_pmap` over this process's devices.
 
     The arrays are broadcast (`in_axes=None`), the batch is mapped along its
@@ -49,7 +58,7 @@ class PmapStrategy:
         self.devices = check_devices("devices", devices, local=True)
         self.mesh = device_mesh(self.devices)
 
-    def map(self, body: Body, device_axis: int) -> Body:
+    def map(self, body: Body, device_axis: int, static: Any = None) -> Body:
         mapped = eqx.filter_pmap(  # pyright: ignore[reportCallIssue]  (devices=)
             body,
             in_axes=(None, device_axis),
@@ -64,7 +73,7 @@ class PmapStrategy:
         return on_devices
 
 
-class ShardedStrategy:
+class ShardedStrategy(Strategy):
     """`backend="sharded"`: `jax.shard_map` over a mesh of every process's devices.
 
     The arrays are replicated (`P()`), the batch is split along its device axis
@@ -81,7 +90,7 @@ class ShardedStrategy:
         self.devices = check_devices("devices", devices)
         self.mesh = device_mesh(self.devices)
 
-    def map(self, body: Body, device_axis: int) -> Body:
+    def map(self, body: Body, device_axis: int, static: Any = None) -> Body:
         def drop_device_axis(arrays, batch):  # of size 1 on each device
             batch = jax.tree_util.tree_map(lambda x: jnp.squeeze(x, device_axis), batch)
             return body(arrays, batch)
