@@ -54,6 +54,7 @@ class ConfigDict(TypedDict, total=False):
     backend: str
     steps_per_call: int
     nan_policy: str
+    shard_optimizer_state: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,9 @@ class TrainConfig:
     returns the `TrainState`; with `False` it returns `(model, model_state)`,
     the Equinox counterpart of SCICO's `{"params", "batch_stats"}`.
 
-    The last three fields go beyond SCICO: `backend` and `steps_per_call` of
-    [`eqx_steps.parallel_train_step`][], and its `nan_policy`.
+    The last four fields go beyond SCICO: `backend`, `steps_per_call`,
+    `nan_policy` and `shard_optimizer_state` of
+    [`eqx_steps.parallel_train_step`][].
 
     The annotations are the validation: a `TrainConfig` (however made: directly,
     by [`eqx_steps.TrainConfig.from_dict`][] or `dataclasses.replace`) accepts
@@ -127,6 +129,7 @@ class TrainConfig:
     backend: Literal["pmap", "sharded"] = "pmap"
     steps_per_call: _PositiveInt = 1
     nan_policy: Literal["raise", "skip", "ignore"] = "raise"
+    shard_optimizer_state: bool = False
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | TrainConfig) -> TrainConfig:

@@ -68,6 +68,7 @@ def train_fns(cfg: TrainConfig, schedule: optax.Schedule | None) -> dict[int, Ca
             donate=True,  # the trainer owns its states
             steps_per_call=k,
             nan_policy=cfg.nan_policy,
+            shard_optimizer_state=cfg.shard_optimizer_state,
         )
         for k in {1, cfg.steps_per_call}
     }

@@ -164,3 +164,26 @@ def test_checkpoints_restore_across_layouts_and_device_counts(
     ref, _ = step(load_n, False)(saved, more)
     out, _ = step(load_n, load_zero)(restored, more)
     assert max_rel_diff(out, ref) < 1e-6
+
+
+def test_the_trainer_shards_the_optimizer_state_on_request():
+    # config["shard_optimizer_state"] reaches the parallel step: same records as the
+    # replicated run.
+    model = eqx.nn.MLP(4, 2, 8, 1, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    ds = {
+        "image": rng.random((32, 4), np.float32),
+        "label": rng.random((32, 2), np.float32),
+    }
+    records = []
+    for shard in (False, True):
+        config = {
+            "batch_size": 8,
+            "num_epochs": 2,
+            "backend": "sharded",
+            "shard_optimizer_state": shard,
+        }
+        _, history = es.BasicTrainer(config, model, ds, ds).train()
+        records.append(history.records[-1])
+    for key in ("train_loss", "eval_loss"):
+        np.testing.assert_allclose(records[1][key], records[0][key], rtol=1e-6)
