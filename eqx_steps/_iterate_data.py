@@ -123,6 +123,8 @@ class IterateData:
         `ceil(n / batch_size)` for evaluation.
     - `local_batch_size`: rows per batch yielded by this process.
     - `step`: the global step (batch number) of the next batch.
+    - `key`: the `key` given (SCICO's `IterateData.key`); `None` means
+        `jax.random.key(0)` for the shuffling.
 
     !!! example
 
@@ -148,6 +150,7 @@ class IterateData:
         self.dataset = _as_host_dataset(dataset, name)
         self.batch_size = check_int("batch_size", batch_size)
         self.train = bool(train)
+        self.key = key
         self.n = next(iter(self.dataset.values())).shape[0]
 
         n_devices = jax.device_count()

@@ -117,6 +117,8 @@ def test_same_key_same_order_other_key_other_order():
     np.testing.assert_array_equal(first(None), first(jax.random.key(0)))
     np.testing.assert_array_equal(first(jax.random.PRNGKey(3)), first(3))
     assert not np.array_equal(first(jax.random.key(3)), first(jax.random.key(4)))
+    key = jax.random.key(3)
+    assert IterateData(dataset, 64, key=key).key is key  # SCICO's attribute
 
 
 def test_batches_are_host_arrays_with_the_dataset_dtypes():
