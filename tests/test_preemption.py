@@ -101,7 +101,10 @@ def test_a_second_signal_stops_at_once_and_the_latest_checkpoint_restores(tmp_pa
     code, out, err, seconds = signal_when(
         p, b"step 13\n", [signal.SIGINT, signal.SIGINT], gap
     )
-    assert code == 130, out + err
+    # 130: the second signal landed during the save and ended the process at once;
+    # -SIGINT: the save was already done and the process was ending when it came
+    # (the default handler ends it). Either way the previous checkpoint stays.
+    assert code in (130, -signal.SIGINT), out + err
     assert seconds < 30
     assert "interrupted SIGINT step" in out, out + err
     latest = es.latest_step(tmp_path)

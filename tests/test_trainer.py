@@ -124,6 +124,7 @@ def test_every_scico_key_is_accepted(tmp_path):
         "backend",
         "steps_per_call",
         "nan_policy",
+        "shard_optimizer_state",
     }
     cfg = es.TrainConfig.from_dict(config)
     assert cfg.opt_type == "SGD" and cfg.momentum == 0.9 and cfg.post_lst == ()
