@@ -29,7 +29,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
 state = state.replace(step=jnp.asarray(1))
 try:
     es.checkpoint_save(state, {"run": 1}, workdir)
-except Exception as e:
+except OSError as e:  # the documented error of a failed save
     print(f"error {type(e).__name__}: {e}", flush=True)
     print("leftovers", sorted(os.listdir(workdir)), flush=True)
     sys.exit(0)
