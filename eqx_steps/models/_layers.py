@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._validate import check_int, is_int
+from ._batch_norm import batch_moments, normalise
 
 
 Initializer = Callable[..., Array]
@@ -281,34 +282,35 @@ class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
             inference = self.inference
         counter = state.get(self.batch_counter)
         hidden_mean, hidden_var = state.get(self.batch_state_index)
+        if self.weight is None or self.bias is None:
+            weight, bias = (
+                jnp.ones(x.shape[-1], x.dtype),
+                jnp.zeros(x.shape[-1], x.dtype),
+            )
+        else:
+            weight, bias = self.weight, self.bias
         if inference:
             # Equinox's zero-debiasing of the running statistics.
             scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
             mean, var = hidden_mean / scale, hidden_var / scale
+            y = (x - mean) * (lax.rsqrt(var + self.eps) * weight) + bias
+            return y, state
+        if jnp.iscomplexobj(x):  # the hand-written gradient is for real inputs
+            mean, var = batch_moments(x, self.axis_name, self.fast_variance)
+            y = (x - mean) * (lax.rsqrt(var + self.eps) * weight) + bias
         else:
-            spatial = tuple(range(x.ndim - 1))
-            if self.fast_variance:
-                moments = (jnp.mean(x, spatial), jnp.mean(x * jnp.conj(x), spatial))
-                mean, mean_sq = lax.pmean(moments, self.axis_name)
-                var = mean_sq - mean * jnp.conj(mean)
-            else:
-                mean = lax.pmean(jnp.mean(x, axis=spatial), self.axis_name)
-                centred = x - mean
-                var = jnp.mean(centred * jnp.conj(centred), axis=spatial)
-                var = lax.pmean(var, self.axis_name)
-            var = jnp.maximum(0.0, var)
-            state = state.set(self.batch_counter, counter + 1)
-            state = state.set(
-                self.batch_state_index,
-                (
-                    hidden_mean * self.momentum + mean * (1 - self.momentum),
-                    hidden_var * self.momentum + var * (1 - self.momentum),
-                ),
+            y, mean, var = normalise(
+                x, weight, bias, self.eps, self.axis_name, self.fast_variance
             )
-        y = (x - mean) / jnp.sqrt(var + self.eps)
-        if self.channelwise_affine:
-            assert self.weight is not None and self.bias is not None
-            y = y * self.weight + self.bias
+            mean, var = lax.stop_gradient((mean, var))
+        state = state.set(self.batch_counter, counter + 1)
+        state = state.set(
+            self.batch_state_index,
+            (
+                hidden_mean * self.momentum + mean * (1 - self.momentum),
+                hidden_var * self.momentum + var * (1 - self.momentum),
+            ),
+        )
         return y, state
 
 
