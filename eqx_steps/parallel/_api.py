@@ -154,15 +154,16 @@ def parallel_train_step(
     - `devices`: the devices to run on (default: every device of the backend);
         the batch's device axis has one entry per device of this process.
     - `shard_optimizer_state`: `backend="sharded"` only: keep 1/N of the
-        optimizer state on each of the N devices (ZeRO stage 1): each device
-        updates its slice of every parameter leaf (cut along the leaf's largest
-        axis that divides by N; leaves with no such axis stay whole) and the
-        update slices are all-gathered. Results equal the replicated step; the
-        returned state's `opt_state` leaves are global arrays laid out over the
-        devices (checkpoints store and restore them into either layout). Needs
-        an elementwise optimizer (Adam, SGD, momentum, weight decay, schedules):
-        one that reduces over a leaf (`optax.clip_by_global_norm`, LAMB) is
-        refused with a `ValueError` at the first call.
+        optimizer state on each of the N devices (ZeRO stage 1): the gradients
+        are reduce-scattered, each device updates its slice of every parameter
+        leaf (cut along the leaf's largest axis that divides by N; leaves with
+        no such axis stay whole) and the update slices are all-gathered.
+        Results equal the replicated step; the returned state's `opt_state`
+        leaves are global arrays laid out over the devices (checkpoints store
+        and restore them into either layout). Needs an elementwise optimizer
+        (Adam, SGD, momentum, weight decay, schedules): one that reduces over a
+        leaf (`optax.clip_by_global_norm`, LAMB) is refused with a `ValueError`
+        at the first call.
 
     **Returns:**
 
