@@ -14,7 +14,9 @@ no collective (the floor: no buffers for the gradient all-reduce).
 off (`XLA_FLAGS=... --xla_disable_hlo_passes=cpu-all-reduce-combiner`, which the
 caller sets): one all-reduce per gradient leaf instead of one for all of them.
 `--impl library-sharded` runs `backend="sharded"`, and `--impl library-zero` the
-same with `shard_optimizer_state=True` (each device keeps 1/N of Adam's moments).
+same with `shard_optimizer_state=True` (each device keeps 1/N of Adam's moments,
+the gradients are reduce-scattered); `--impl library-zero-split` is that with the
+all-reduce combiner off (the same `XLA_FLAGS` as `library-split`).
 The width is a multiple of 8, so that the large layers divide by the device count.
 `step_s` is the median wall time of one of the measured steps.
 """
@@ -56,6 +58,7 @@ def main(argv=None):
             "library-split",
             "library-sharded",
             "library-zero",
+            "library-zero-split",
             "baseline",
             "baseline-jit",
         ),
@@ -65,8 +68,8 @@ def main(argv=None):
     p.add_argument("--params", type=float, default=50e6, help="about this many")
     p.add_argument("--steps", type=int, default=3)
     args = p.parse_args(argv)
-    if args.impl == "library-split" and NO_COMBINER not in os.environ["XLA_FLAGS"]:
-        p.error(f"--impl library-split needs XLA_FLAGS={NO_COMBINER}")
+    if args.impl.endswith("-split") and NO_COMBINER not in os.environ["XLA_FLAGS"]:
+        p.error(f"--impl {args.impl} needs XLA_FLAGS={NO_COMBINER}")
 
     import time
 
@@ -95,11 +98,12 @@ def main(argv=None):
     if args.impl.startswith("library"):
         state = es.TrainState.create(model, w.TX)
         del model
+        zero = args.impl.startswith("library-zero")
         step = w.library_step(
             "train",
-            "sharded" if args.impl in ("library-sharded", "library-zero") else "pmap",
+            "sharded" if zero or args.impl == "library-sharded" else "pmap",
             donate=bool(args.donate),
-            shard_optimizer_state=args.impl == "library-zero",
+            shard_optimizer_state=zero,
         )
         analyse = _analyse  # step.lower(state, batch): the public view
         jax.block_until_ready(state)

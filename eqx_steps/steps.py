@@ -264,7 +264,8 @@ def train_step(
     (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params
     )
-    grads = _pmean(grads, axis_name)
+    if not getattr(state.tx, "reduces_gradients", False):  # ZeRO reduce-scatters
+        grads = _pmean(grads, axis_name)
     metrics = dict(_pmean(dict(metrics_fn(output, label, criterion)), axis_name))
     new_state = state.apply_gradients(
         grads, model_state=_mean_model_state(model_state, axis_name)

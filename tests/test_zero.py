@@ -1,6 +1,7 @@
 """Sharded optimizer state (`shard_optimizer_state=True`, ZeRO stage 1)."""
 
 import functools
+import re
 
 import equinox as eqx
 import jax
@@ -53,8 +54,29 @@ def clip_w1(model):
     return eqx.tree_at(lambda m: m.w1, model, jnp.clip(model.w1, -0.3, 0.3))
 
 
+def averaging_train_step(state, batch, learning_rate_fn, criterion, metrics_fn, **kw):
+    """A user's own step that averages the gradients itself, whatever the
+    optimizer does with them."""
+    axis_name = kw["axis_name"]
+
+    def loss_fn(params):
+        model = eqx.combine(params, eqx.filter(state.model, state.trainable, True))
+        output, _ = state.forward(model, state.model_state, batch["image"])
+        return criterion(output, batch["label"])
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    grads = jax.lax.pmean(grads, axis_name)
+    return state.apply_gradients(grads), {"loss": jax.lax.pmean(loss, axis_name)}
+
+
 @functools.cache
-def step(n_devices: int, zero: bool, steps_per_call: int = 1, post: bool = False):
+def step(
+    n_devices: int,
+    zero: bool,
+    steps_per_call: int = 1,
+    post: bool = False,
+    own_step: bool = False,
+):
     return es.parallel_train_step(
         LR,
         es.mse_loss,
@@ -63,6 +85,7 @@ def step(n_devices: int, zero: bool, steps_per_call: int = 1, post: bool = False
         devices=jax.local_devices()[:n_devices],
         steps_per_call=steps_per_call,
         post_lst=[clip_w1] if post else None,
+        train_step_fn=averaging_train_step if own_step else es.train_step,
         shard_optimizer_state=zero,
     )
 
@@ -124,6 +147,83 @@ def test_steps_per_call_and_post_lst_equal_the_replicated_step(post):
     np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
     if post:
         assert float(jnp.max(jnp.abs(out.model.w1))) <= np.float32(0.3)
+
+
+def collectives(hlo: str) -> dict[str, list[set[str]]]:
+    """For each collective of an optimised HLO module, the shapes of its results."""
+    found: dict[str, list[set[str]]] = {}
+    for line in hlo.splitlines():
+        m = re.search(
+            r"= (.*?) (all-reduce|reduce-scatter|all-gather)(-start)?\(", line
+        )
+        if m:
+            shapes = set(re.findall(r"\[([\d,]*)\]", m.group(1)))
+            found.setdefault(m.group(2), []).append(shapes)
+    return found
+
+
+def test_the_gradients_are_reduce_scattered():
+    # Net(8, (6, 5)) on 4 devices: w1 (3, 8), b1 (8,), w2 (8, 2) are cut, each
+    # gradient reduce-scattered into a quarter; u (6, 5) is kept whole and
+    # all-reduced. No whole gradient of a cut leaf is all-reduced.
+    state = es.TrainState.create(Net(8, (6, 5)), ADAM)
+    hlo = step(4, True).lower(state, batch(4, 0)).compile().as_text()
+    found = collectives(hlo)
+    assert sorted(map(sorted, found["reduce-scatter"])) == [["2"], ["2,2"], ["3,2"]]
+    reduced = set().union(*found["all-reduce"])
+    assert "6,5" in reduced
+    assert not reduced & {"3,8", "8", "8,2"}
+    # One device: nothing cut, nothing reduced or gathered.
+    hlo = step(1, True).lower(state, batch(1, 0)).compile().as_text()
+    assert collectives(hlo) == {}
+
+
+@pytest.mark.parametrize("n_devices", [2, 4])
+def test_a_step_that_averages_the_gradients_itself_stays_correct(n_devices):
+    # The reduce-scatter of gradients already averaged gives each device its slice.
+    state = es.TrainState.create(Net(8, (6, 5)), ADAM)
+    batches = [batch(n_devices, i) for i in range(2)]
+    ref, ref_metrics = run(step(n_devices, False), state, batches)
+    out, metrics = run(step(n_devices, True, own_step=True), state, batches)
+    assert max_rel_diff(out, ref) < 1e-6
+    np.testing.assert_allclose(metrics["loss"], ref_metrics["loss"], rtol=1e-6)
+    assert any("device" in s for s in specs(out))
+
+
+def test_evaluation_leaves_the_sharded_optimizer_state_where_it_is():
+    state, _ = step(4, True)(es.TrainState.create(Net(8, (6, 5)), ADAM), batch(4, 0))
+    evaluate = es.parallel_eval_step(es.mse_loss, es.compute_metrics, backend="sharded")
+    # The program's inputs: the state without its optimizer state, and the batch.
+    (arrays, _), _ = evaluate.lower(state, batch(4, 1)).args_info
+    n_opt = len(jax.tree_util.tree_leaves(state.opt_state))
+    assert len(arrays) == len(jax.tree_util.tree_leaves(state)) - n_opt
+    # No whole copy of a cut moment is made on the devices.
+    cut = {
+        x.shape
+        for x in jax.tree_util.tree_leaves(state.opt_state)
+        if "device" in x.sharding.spec
+    }
+
+    def whole_copies():
+        return sum(
+            a.shape in cut and a.sharding.is_fully_replicated for a in jax.live_arrays()
+        )
+
+    before, layout = whole_copies(), specs(state)
+    metrics = evaluate(state, batch(4, 1))
+    assert whole_copies() == before
+    assert specs(state) == layout
+    # A custom evaluation step gets the whole state (it may read the optimizer's).
+    whole = es.parallel_eval_step(
+        es.mse_loss,
+        es.compute_metrics,
+        eval_step_fn=lambda *args, **kw: es.eval_step(*args, **kw),
+        backend="sharded",
+    )
+    (arrays, _), _ = whole.lower(state, batch(4, 1)).args_info
+    assert len(arrays) == len(jax.tree_util.tree_leaves(state))
+    ref = whole(state, batch(4, 1))
+    np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-6)
 
 
 def test_pmap_and_non_elementwise_optimizers_are_refused():

@@ -66,6 +66,7 @@ def _build(
     nan_policy: Any,
     compiler_options: Any,
     shard_optimizer_state: Any = False,
+    view: Callable[[TrainState], TrainState] | None = None,
 ) -> ParallelStep:
     """The step, with every option checked at this public boundary."""
     check_choice("backend", backend, tuple(STRATEGIES))
@@ -88,6 +89,7 @@ def _build(
         unroll=check_unroll(unroll),
         policy=NonFinitePolicy(nan_policy),
         compiler_options=_check_compiler_options(compiler_options),
+        view=view,
     )
 
 
@@ -152,15 +154,16 @@ def parallel_train_step(
     - `devices`: the devices to run on (default: every device of the backend);
         the batch's device axis has one entry per device of this process.
     - `shard_optimizer_state`: `backend="sharded"` only: keep 1/N of the
-        optimizer state on each of the N devices (ZeRO stage 1): each device
-        updates its slice of every parameter leaf (cut along the leaf's largest
-        axis that divides by N; leaves with no such axis stay whole) and the
-        update slices are all-gathered. Results equal the replicated step; the
-        returned state's `opt_state` leaves are global arrays laid out over the
-        devices (checkpoints store and restore them into either layout). Needs
-        an elementwise optimizer (Adam, SGD, momentum, weight decay, schedules):
-        one that reduces over a leaf (`optax.clip_by_global_norm`, LAMB) is
-        refused with a `ValueError` at the first call.
+        optimizer state on each of the N devices (ZeRO stage 1): the gradients
+        are reduce-scattered, each device updates its slice of every parameter
+        leaf (cut along the leaf's largest axis that divides by N; leaves with
+        no such axis stay whole) and the update slices are all-gathered.
+        Results equal the replicated step; the returned state's `opt_state`
+        leaves are global arrays laid out over the devices (checkpoints store
+        and restore them into either layout). Needs an elementwise optimizer
+        (Adam, SGD, momentum, weight decay, schedules): one that reduces over a
+        leaf (`optax.clip_by_global_norm`, LAMB) is refused with a `ValueError`
+        at the first call.
 
     **Returns:**
 
@@ -211,6 +214,12 @@ def parallel_train_step(
     )
 
 
+def _without_opt_state(state: TrainState) -> TrainState:
+    # What `eval_step` reads. Placing a sharded optimizer state (ZeRO) whole on
+    # every device would gather it: evaluation leaves it where it is.
+    return state.replace(opt_state=None)
+
+
 def parallel_eval_step(
     criterion: Criterion,
     metrics_fn: MetricsFn,
@@ -231,7 +240,10 @@ def parallel_eval_step(
 
     A function `(state, batch) -> metrics`, metrics averaged over devices; the
     state is neither changed nor donated. It has `.lower` and `.cache_size` as
-    the training step has.
+    the training step has. With the default `eval_step_fn`, which does not read
+    the optimizer state, the state's `opt_state` is not passed to the devices
+    (a sharded one, from `shard_optimizer_state=True`, is never gathered); a
+    custom `eval_step_fn` gets the whole state.
     """
 
     _check_callables(
@@ -251,4 +263,5 @@ def parallel_eval_step(
         unroll=1,
         nan_policy="ignore",
         compiler_options=None,
+        view=_without_opt_state if eval_step_fn is eval_step else None,
     )

@@ -88,7 +88,9 @@ class ParallelStep:
         unroll: Unroll,
         policy: NonFinitePolicy,
         compiler_options: dict[str, Any] | None,
+        view: Callable[[TrainState], TrainState] | None = None,
     ):
+        self._view = view
         self._per_device = policy.guard(per_device) if returns_state else per_device
         self._returns_state = returns_state
         self._strategy = strategy
@@ -126,6 +128,8 @@ class ParallelStep:
 
     def _prepare(self, state: Any, *, copy: bool) -> tuple[list[Any], Static, Callable]:
         _check_state(state)
+        if self._view is not None:  # only what the step reads is placed
+            state = self._view(state)
         arrays, static = split(state)
         _check_not_donated(arrays)
         fn = self._cache.get(static)

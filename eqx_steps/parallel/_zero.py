@@ -2,8 +2,9 @@
 
 Every device keeps the whole model, but only 1/N of the optimizer state: each
 parameter leaf is cut along one axis (its largest axis whose length divides by
-the device count N), the optimizer updates each device's slice of the
-parameters with that device's slice of the (averaged) gradients and of the
+the device count N), the gradients are reduce-scattered (each device receives
+the mean over the devices of its slice only), the optimizer updates each
+device's slice of the parameters with that slice of the gradients and of the
 moments, and the update slices are all-gathered so that every device applies
 the same whole update to its whole model. A leaf none of whose axes divides by N
 stays whole on every device (small leaves: biases, odd widths).
@@ -179,23 +180,52 @@ def _slice(x: jax.Array, a: int, n: int) -> jax.Array:
     return jax.lax.dynamic_slice_in_dim(x, start, size, axis=a)
 
 
+def _reduce(g: jax.Array, a: int, n: int) -> jax.Array:
+    """This device's slice of the mean over the devices of `g` (a reduce-scatter
+    along axis `a`), or the whole mean for a leaf kept whole."""
+    if a < 0:
+        return jax.lax.pmean(g, DEVICE_AXIS)
+    summed = jax.lax.psum_scatter(g, DEVICE_AXIS, scatter_dimension=a, tiled=True)
+    return summed / n
+
+
 def _gather(u: jax.Array, a: int) -> jax.Array:
     return u if a < 0 else jax.lax.all_gather(u, DEVICE_AXIS, axis=a, tiled=True)
 
 
+class _Reducing(optax.GradientTransformation):
+    """An optax `GradientTransformation` whose `update` takes each device's own,
+    unaveraged gradients and averages them over the devices itself.
+
+    [`eqx_steps.train_step`][] reads `reduces_gradients` and then leaves its own
+    average of the gradients out.
+    """
+
+    __slots__ = ()
+    reduces_gradients = True
+
+
 def sliced_tx(tx: optax.GradientTransformation, n: int) -> optax.GradientTransformation:
-    """`tx` run inside `shard_map` on this device's slice of each leaf: takes the
-    whole gradients and parameters and this device's slice of the optimizer
-    state; returns the whole update (slices all-gathered) and the new slice."""
+    """`tx` run inside `shard_map` on this device's slice of each leaf: takes each
+    device's own gradients (averaging them anyway is harmless), the whole
+    parameters and this device's slice of the optimizer state; returns the whole
+    update (slices all-gathered) and the new slice.
+
+    The gradients are reduce-scattered: each device receives only the mean of
+    its slice of every cut leaf, and the whole mean of a leaf kept whole. With
+    `n == 1` nothing is cut or reduced: `tx` itself.
+    """
+    if n == 1:
+        return tx
 
     def update(grads, opt_state, params=None):
         axes = _cut_axes(grads, n)
-        cut = lambda t: jax.tree_util.tree_map(lambda x, a: _slice(x, a, n), t, axes)  # noqa: E731
-        local_params = None if params is None else cut(params)
-        updates, opt_state = tx.update(cut(grads), opt_state, local_params)
+        on = lambda f, t: jax.tree_util.tree_map(lambda x, a: f(x, a, n), t, axes)  # noqa: E731
+        local_params = None if params is None else on(_slice, params)
+        updates, opt_state = tx.update(on(_reduce, grads), opt_state, local_params)
         return jax.tree_util.tree_map(_gather, updates, axes), opt_state
 
-    return optax.GradientTransformation(tx.init, update)  # pyright: ignore
+    return _Reducing(tx.init, update)  # pyright: ignore
 
 
 Step = Callable[[TrainState, Batch], tuple[TrainState, Metrics]]
