@@ -120,6 +120,8 @@ def _evaluation_pass(
         yield data.batch_size, parallel_fn(state, batch)
     rest = data.remainder_batch() if with_rest else None
     if rest is not None:
+        if step_fn is eval_step:  # it never reads the optimizer state (ZeRO: cut)
+            state = state.replace(opt_state=None)
         local = _on_device(state, jax.local_devices()[0])
         yield (
             data.remainder,

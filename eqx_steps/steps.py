@@ -227,9 +227,12 @@ def train_step(
 
     Computes `criterion(output, batch["label"])` with `output` from
     `state.forward(model, model_state, batch["image"])`, its gradient with respect
-    to the trainable leaves, averages the gradients over `axis_name`, applies the
-    optimizer and stores the new model state (BatchNorm statistics, their floating
-    leaves averaged over `axis_name` so every device holds the same state).
+    to the trainable leaves, averages the gradients over `axis_name` (unless
+    `state.tx` has `reduces_gradients = True`, as the optimizer of
+    `shard_optimizer_state=True` has: its `update` then reduces each device's own
+    gradients itself), applies the optimizer and stores the new model state
+    (BatchNorm statistics, their floating leaves averaged over `axis_name` so every
+    device holds the same state).
 
     **Arguments:**
 
