@@ -17,11 +17,17 @@ command line (`eqx_steps.platform.configure_xla_flags`). Each run is a fresh pro
 timing `--steps` steps after a warm-up; the two alternate `--repeats` times so
 that both see the same machine. Prints one JSON line per run and a Markdown
 table: the fastest step of all runs (min) and the median of the runs' medians.
+
+`--neighbours K` runs K CPU-bound busy loops beside both for the whole
+comparison (a user's machine is rarely idle); `--library-xla-flags` and
+`--scico-xla-flags` set the XLA flags of each side (e.g. to compare threading
+settings under contention).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -99,7 +105,11 @@ def child_scico(steps: int) -> dict:
         donate_argnums=(0,),
     )
     timing = _time(step, state, batch, steps)
-    return {"impl": "SCICO 0.0.7 train_step, jax.pmap", **timing}
+    return {
+        "impl": "SCICO 0.0.7 train_step, jax.pmap",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **timing,
+    }
 
 
 def child_library(steps: int) -> dict:
@@ -124,11 +134,31 @@ def child_library(steps: int) -> dict:
     }
 
 
-def _run(python: str, which: str, steps: int) -> dict:
+@contextlib.contextmanager
+def neighbours(n: int):
+    """`n` busy-loop processes running for the duration, as the CPU-bound
+    neighbours a user's machine often has."""
+    procs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def _run(python: str, which: str, steps: int, flags: str | None = None) -> dict:
+    """One fresh process of `which`; `flags`: its `XLA_FLAGS` (the library's:
+    `None` for the command's default, the ynn fusion off)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
+    env.pop("XLA_FLAGS", None)
     if which == "scico":
         # SCICO's jax is older: only the device count, no flag it may not know.
-        env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {flags or ''}"
+    elif flags is not None:
+        env["XLA_FLAGS"] = flags
     out = subprocess.run(
         [python, os.path.abspath(__file__), "--child", which, "--steps", str(steps)],
         env=env,
@@ -146,6 +176,18 @@ def main(argv=None) -> None:
     p.add_argument("--scico-python", help="the Python of an environment with scico")
     p.add_argument("--steps", type=int, default=30, help="timed steps per run")
     p.add_argument("--repeats", type=int, default=5, help="runs of each, alternating")
+    p.add_argument(
+        "--library-xla-flags",
+        help="XLA_FLAGS of the library's runs instead of the command's default "
+        "(the ynn fusion off); '' for XLA's defaults",
+    )
+    p.add_argument("--scico-xla-flags", help="extra XLA_FLAGS of SCICO's runs")
+    p.add_argument(
+        "--neighbours",
+        type=int,
+        default=0,
+        help="CPU-bound processes (busy loops) to run beside the measured ones",
+    )
     p.add_argument("--child", choices=("scico", "library"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "scico":
@@ -160,13 +202,18 @@ def main(argv=None) -> None:
     if not args.scico_python:
         p.error("--scico-python is required (see the module docstring)")
     runs: dict[str, list[dict]] = {}
-    for _ in range(args.repeats):
-        for which in ("scico", "library"):
-            python = args.scico_python if which == "scico" else sys.executable
-            r = _run(python, which, args.steps)
-            print(json.dumps(r), flush=True)
-            runs.setdefault(r["impl"], []).append(r)
+    flags = {"scico": args.scico_xla_flags, "library": args.library_xla_flags}
+    with neighbours(args.neighbours):
+        for _ in range(args.repeats):
+            for which in ("scico", "library"):
+                python = args.scico_python if which == "scico" else sys.executable
+                r = _run(python, which, args.steps, flags[which])
+                r["neighbours"] = args.neighbours
+                print(json.dumps(r), flush=True)
+                runs.setdefault(r["impl"], []).append(r)
     print()
+    if args.neighbours:
+        print(f"beside {args.neighbours} CPU-bound neighbour process(es)")
     print("| implementation | jax | min ms / step | median ms / step | first call |")
     print("|---|---|---:|---:|---:|")
     for impl, rs in runs.items():
