@@ -1,9 +1,15 @@
 """How the step's cost grows: DnCNN time per step against global batch size and
 image size, per backend, beside the hand-written baseline of the same backend.
 
-The device count is the session's (`EQX_STEPS_BENCH_DEVICES`); `scaling.py` runs
-this file once per device count (1, 2, 4, 8) and `report.py` plots the records
-(group `scaling`). Each case times the library and the baseline in interleaved
+The device count is the session's (`EQX_STEPS_BENCH_DEVICES`): run this file
+once per device count, the whole sweep on 1 and 4 devices and the batch-16 and
+batch-64 cases on 2 and 8, e.g.
+
+    EQX_STEPS_BENCH_DEVICES=2 pytest benchmarks/test_scaling.py --benchmark-only \
+        -k "batch-16-64 or batch-64-64" --benchmark-json scaling_2.json
+
+and `report.py --from-json ... --scaling-plot PNG` plots the records (group
+`scaling`). Each case times the library and the baseline in interleaved
 rounds (`extra_info["library_s"]`, `["baseline_s"]`, per step). With
 `--benchmark-disable` one small case per backend runs once.
 """
@@ -21,7 +27,13 @@ import workloads as w
 
 BATCHES = (1, 4, 16, 64)  # global; those not divisible by the devices are skipped
 IMAGES = (32, 64, 128, 256)  # at batch 16
-CALLS, ROUNDS = 3, 3
+CALLS, ROUNDS = 3, 3  # calls per round for batch 16 at 64x64; fewer above
+
+
+def calls(batch: int, hw: int) -> int:
+    """Calls per round: `CALLS` up to the work of batch 16 at 64x64, then fewer
+    (one for 4x that work and more), so a 256x256 round takes one step."""
+    return max(1, min(CALLS, round(CALLS * 16 * 64 * 64 / (batch * hw * hw))))
 
 
 def _cases() -> list[tuple[str, int, int]]:
@@ -31,20 +43,20 @@ def _cases() -> list[tuple[str, int, int]]:
     ]
 
 
-def timer(step, state, batch):
-    """`run()`: CALLS calls feeding the state back in, seconds per step."""
+def timer(step, state, batch, n_calls: int = CALLS):
+    """`run()`: `n_calls` calls feeding the state back in, seconds per step."""
     holder = [state]
     throttle = w.Throttle()
 
     def run() -> float:
         s = holder[0]
         t0 = time.perf_counter()
-        for _ in range(CALLS):
+        for _ in range(n_calls):
             s, m = step(s, batch)
             throttle(m)
         jax.block_until_ready((s, m))
         holder[0] = s
-        return (time.perf_counter() - t0) / CALLS
+        return (time.perf_counter() - t0) / n_calls
 
     return run
 
@@ -52,10 +64,11 @@ def timer(step, state, batch):
 def build(backend: str, sizes: w.Sizes):
     batch = w.batch("dncnn", sizes)
     state = w.library_state("dncnn", sizes)
-    library = timer(w.library_step("train", backend), state, batch)
+    n = calls(sizes.batch, sizes.hw)
+    library = timer(w.library_step("train", backend), state, batch, n)
     net = w.raw_net("dncnn", *w.library_model("dncnn", sizes))
     raw = w.raw_step(net, "train", backend)
-    baseline = timer(raw, w.place_raw_state(w.raw_state(net), backend), batch)
+    baseline = timer(raw, w.place_raw_state(w.raw_state(net), backend), batch, n)
     return library, baseline
 
 
