@@ -228,7 +228,8 @@ class RawDnCNN(RawNet):
 
     Circular padding, no bias, batch norm in batch mode (statistics over the
     device's batch and space, running averages with momentum 0.99, Equinox's
-    zero-debiasing at inference), `x - net(x)`.
+    zero-debiasing at inference, the derivative stated by hand as the library's
+    `ChannelsLastBatchNorm` states it), `x - net(x)`.
     """
 
     momentum = 0.99
@@ -285,8 +286,7 @@ class RawDnCNN(RawNet):
             count, hmean, hvar = net_state[3 * i : 3 * i + 3]
             y = conv(y, w)
             if train:
-                mean = jnp.mean(y, axis=(0, 1, 2))
-                var = jnp.maximum(0.0, jnp.mean((y - mean) ** 2, axis=(0, 1, 2)))
+                y, mean, var = _batch_norm(y, g, b, cls.eps)
                 m = cls.momentum
                 new_state += [
                     count + 1,
@@ -296,9 +296,34 @@ class RawDnCNN(RawNet):
             else:
                 scale = jnp.where(count == 0, 1, 1 - cls.momentum**count)
                 mean, var = hmean / scale, hvar / scale
-            y = jax.nn.relu((y - mean) / jnp.sqrt(var + cls.eps) * g + b)
+                y = (y - mean) / jnp.sqrt(var + cls.eps) * g + b
+            y = jax.nn.relu(y)
         out = base - conv(y, params[-1])
         return out, tuple(new_state) if train else net_state
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(3,))
+def _batch_norm(y, g, b, eps):
+    """Batch norm of `y` (N, H, W, C) by its batch statistics, and the statistics,
+    with the derivative stated by hand as the library's batch norm states it
+    (two reductions of the cotangent per layer instead of autodiff's four)."""
+    mean = jnp.mean(y, axis=(0, 1, 2))
+    var = jnp.maximum(0.0, jnp.mean((y - mean) ** 2, axis=(0, 1, 2)))
+    return (y - mean) * (lax.rsqrt(var + eps) * g) + b, mean, var
+
+
+@_batch_norm.defjvp
+def _batch_norm_jvp(eps, primals, tangents):
+    y, g, b = primals
+    dy, dg, db = tangents
+    out, mean, var = _batch_norm(y, g, b, eps)
+    inv_std = lax.rsqrt(var + eps)
+    y_hat = (y - mean) * inv_std
+    scale = g * inv_std
+    mean_dy = jnp.mean(dy, axis=(0, 1, 2))
+    mean_dy_y_hat = jnp.mean(dy * y_hat, axis=(0, 1, 2))
+    d_out = scale * dy + (db - scale * mean_dy) + y_hat * (dg - scale * mean_dy_y_hat)
+    return (out, mean, var), (d_out, mean_dy, 2 * mean_dy_y_hat / inv_std)
 
 
 def raw_net(workload: str, model, model_state=None, layout: str = "HWIO") -> RawNet:
