@@ -12,7 +12,8 @@ cast, and placed on the local devices a few batches ahead.
 from __future__ import annotations
 
 import collections
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -116,7 +117,7 @@ class DeviceIter:
             except StopIteration:
                 self._exhausted = True
                 return
-            self._queue.append(jax.device_put(item, self.sharding))
+            self._queue.append(_put_on(self.sharding)(item))
 
     @property
     def step(self) -> int:
@@ -134,6 +135,20 @@ class DeviceIter:
         # the caller works on this one.
         self._fill(self.size_device_prefetch)
         return item
+
+
+@functools.cache
+def _put_on(sharding: NamedSharding) -> Callable[[HostBatch], DeviceBatch]:
+    """How a host item goes to `sharding`'s devices.
+
+    On one device, through a jitted identity: jit's C++ dispatch transfers its
+    arguments ~7x faster than `jax.device_put`'s Python path (10 us against 70 us
+    for a small batch on XLA:CPU). On several devices the identity runs a program
+    on each of them, ~2x slower than `jax.device_put` on XLA:CPU.
+    """
+    if len(sharding.device_set) == 1:
+        return jax.jit(lambda item: item, out_shardings=sharding)
+    return functools.partial(jax.device_put, device=sharding)
 
 
 def create_input_iter(
