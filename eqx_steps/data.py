@@ -24,7 +24,7 @@ from jaxtyping import Array, ArrayLike, PRNGKeyArray
 
 from ._iterate_data import HostBatch, IterateData as IterateData
 from ._validate import check_int
-from .parallel import device_mesh, shard
+from .parallel import device_mesh
 from .state import DEVICE_AXIS
 
 
@@ -39,12 +39,18 @@ def _casts(name: str, x: np.ndarray) -> bool:
     )
 
 
-def _cast(batch: HostBatch, dtype: Any) -> HostBatch:
-    if dtype is None:
-        return batch
+def _target_dtypes(dataset: HostBatch, dtype: Any) -> dict[str, Any]:
+    """The dtype each entry of `dataset` is cast to (`None`: kept as it is)."""
     return {
-        name: x.astype(dtype) if _casts(name, x) else x for name, x in batch.items()
+        name: dtype if dtype is not None and _casts(name, x) else None
+        for name, x in dataset.items()
     }
+
+
+def _gather(x: np.ndarray, rows: np.ndarray, dtype: Any) -> np.ndarray:
+    """`x[rows]` cast to `dtype` (`None`: kept), in a new array."""
+    out = np.take(x, rows, axis=0)
+    return out if dtype is None else out.astype(dtype, copy=False)
 
 
 class DeviceIter:
@@ -81,6 +87,21 @@ class DeviceIter:
         mesh = device_mesh()
         spec = P(DEVICE_AXIS) if steps_per_call == 1 else P(None, DEVICE_AXIS)
         self.sharding = NamedSharding(mesh, spec)
+        n_local = jax.local_device_count()
+        if data.local_batch_size % n_local:
+            raise ValueError(
+                f"`batch_size` = {data.batch_size} gives {data.local_batch_size} "
+                f"rows per process ({data.process_count} processes), not divisible "
+                f"by the {n_local} local devices; use a multiple of "
+                f"{n_local * data.process_count}."
+            )
+        per_device = data.local_batch_size // n_local
+        self._lead = (
+            (n_local, per_device)
+            if steps_per_call == 1
+            else (steps_per_call, n_local, per_device)
+        )
+        self._dtypes = _target_dtypes(data.dataset, dtype)
         self._queue: collections.deque[DeviceBatch] = collections.deque()
         self._exhausted = False
 
@@ -95,20 +116,29 @@ class DeviceIter:
         """
         if self.data.train or not self.remainder:
             return None
-        return _cast(self.data.batch(self.data.steps_per_epoch), self.dtype)
+        rows = self.data.indices(self.data.steps_per_epoch)
+        return {
+            name: _gather(x, rows, self._dtypes[name])
+            for name, x in self.data.dataset.items()
+        }
 
     def _host_item(self) -> HostBatch:
-        if not self.data.train and self.data.step >= self.steps_per_epoch:
-            raise StopIteration  # the full batches are done; see remainder_batch()
-        if self.steps_per_call == 1:
-            return shard(_cast(next(self.data), self.dtype))
+        """The next item on the host: each entry gathered once for the item's
+        `steps_per_call` batches, cast, and reshaped to the item's layout."""
+        data, k = self.data, self.steps_per_call
         # A partial group only happens at the end of an evaluation pass, which
-        # never stacks (steps_per_call = 1 there), so `next` raising is the end.
-        group = [
-            shard(_cast(next(self.data), self.dtype))
-            for _ in range(self.steps_per_call)
-        ]
-        return {name: np.stack([b[name] for b in group]) for name in group[0]}
+        # never stacks (steps_per_call = 1 there).
+        if not data.train and data.step >= self.steps_per_epoch:
+            raise StopIteration  # the full batches are done; see remainder_batch()
+        parts = [data.indices(s) for s in range(data.step, data.step + k)]
+        rows = parts[0] if k == 1 else np.concatenate(parts)
+        data.step += k
+        return {
+            name: _gather(x, rows, self._dtypes[name]).reshape(
+                *self._lead, *x.shape[1:]
+            )
+            for name, x in data.dataset.items()
+        }
 
     def _fill(self, size: int) -> None:
         while not self._exhausted and len(self._queue) < size:
@@ -234,14 +264,6 @@ def create_input_iter(
         process_count=process_count,
         name=name,
     )
-    n_local = jax.local_device_count()
-    if data.local_batch_size % n_local:
-        raise ValueError(
-            f"`batch_size` = {data.batch_size} gives {data.local_batch_size} rows "
-            f"per process ({data.process_count} processes), not divisible by the "
-            f"{n_local} local devices; use a multiple of "
-            f"{n_local * data.process_count}."
-        )
     return DeviceIter(
         data, size_device_prefetch=prefetch, dtype=dtype, steps_per_call=k
     )
