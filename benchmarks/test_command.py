@@ -12,8 +12,8 @@ parallel step (the command's trainer configuration, `donate=True`) on batches
 placed beforehand, for as many steps. The two alternate round by round.
 
 What the command does beyond its steps is real work: the evaluations and the
-checkpoint saves inside the timed interval are measured on their own afterwards
-(one evaluation pass of the test set, one `checkpoint_save`, medians of 3) and
+checkpoint saves inside the timed interval are measured on their own in each
+round (one evaluation pass of the test set, one `checkpoint_save`; medians) and
 reported per step of the interval (`extra_info["eval_s"]`, `["checkpoint_s"]`),
 so `report.py`'s loop table can say how much of the difference they are.
 """
@@ -44,15 +44,6 @@ DEFAULTS = {"depth": 6, "filters": 32, "batch_size": 16, **COMMON}
 QUICK_DEFAULTS = {"depth": 2, "filters": 4, "batch_size": 8, **COMMON}
 
 
-def _median_time(fn, n: int = 3) -> float:
-    times = []
-    for i in range(n):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(i))
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
-
-
 class Command:
     """The command's runs, and a bare loop of the same step on the same shapes."""
 
@@ -65,7 +56,7 @@ class Command:
             "steps_per_call": 1,
         }
         s = self.settings
-        self.runs = 0
+        self.runs = self.saves = 0
         # The command's trainer, without its log and checkpoints: its initial
         # state, step and evaluation for the bare loop and the measurements.
         config = trainer_config(s, os.path.join(workdir, "bare"))
@@ -135,49 +126,60 @@ class Command:
         jax.block_until_ready((state, metrics))
         return (time.perf_counter() - t0) / steps
 
-    def work_beyond_steps(self, records: list[dict], steps: int) -> dict[str, float]:
-        """The evaluations and checkpoint saves inside the timed interval, each
-        measured on its own, in seconds per step of the interval."""
-        first = records[min(1, len(records) - 1)]["step"]
-        last = records[-1]["step"]
-        # Each record evaluates right after taking its time, and a checkpoint at
-        # a record's step is saved after it: the interval holds the evaluations
-        # of the records before the last, and the saves at steps in [first, last).
-        n_evals = max(len(records) - 2, 0)
-        every = self.trainer.steps_per_checkpoint
-        n_saves = sum(1 for s in range(first, last) if s % every == 0 and s > 0)
-        state = self.start
-        eval_s = _median_time(lambda _: self.trainer.evaluate(state))
-        config = self.trainer.config.to_dict()
-        save_dir = os.path.join(self.workdir, "saves")
-        save_s = _median_time(
-            lambda i: es.checkpoint_save(state, config, f"{save_dir}{i}")
-        )
-        return {
-            "eval_s": n_evals * eval_s / steps,
-            "checkpoint_s": n_saves * save_s / steps,
-            "evaluations": n_evals,
-            "checkpoints": n_saves,
-        }
+    def time_extras(self) -> tuple[float, float]:
+        """The time of one evaluation pass of the test set and of one checkpoint
+        save, as the command does them."""
+        state, config = self.start, self.trainer.config.to_dict()
+        t0 = time.perf_counter()
+        jax.block_until_ready(self.trainer.evaluate(state))
+        t1 = time.perf_counter()
+        self.saves += 1
+        es.checkpoint_save(state, config, os.path.join(self.workdir, f"s{self.saves}"))
+        return t1 - t0, time.perf_counter() - t1
+
+
+def beyond_steps(
+    records: list[dict], every: int, eval_s: float, save_s: float
+) -> dict[str, float]:
+    """The evaluations and checkpoint saves inside a run's timed interval (from
+    its second record to its last), in seconds per step of the interval."""
+    first = records[min(1, len(records) - 1)]["step"]
+    last = records[-1]["step"]
+    steps = max(last - first, 1)
+    # Each record evaluates right after taking its time, and a checkpoint at a
+    # record's step is saved after it: the interval holds the evaluations of the
+    # records before the last, and the saves at steps in [first, last).
+    n_evals = max(len(records) - 2, 0)
+    n_saves = sum(1 for s in range(max(first, 1), last) if s % every == 0)
+    return {
+        "eval_s": n_evals * eval_s / steps,
+        "checkpoint_s": n_saves * save_s / steps,
+        "evaluations": n_evals,
+        "checkpoints": n_saves,
+    }
 
 
 @pytest.mark.parametrize("backend", ["pmap", "sharded"])
 def test_command(benchmark, backend, quick, tmp_path):
     command = Command(backend, quick, str(tmp_path))
     _, steps, _ = command.run_command()  # compiles the command's steps
-    command.run_bare(steps)  # and the bare loop's
+    command.run_bare(steps)  # and the bare loop's,
+    command.time_extras()  # and the evaluation, and sets up orbax
     rounds = 1 if quick else 3
-    command_s, bare_s, runs = [], [], []
+    command_s, bare_s, eval_s, save_s, runs = [], [], [], [], []
 
     def one_round():
         per_step, steps, records = command.run_command()
         command_s.append(per_step)
-        runs.append((steps, records))
+        runs.append(records)
         bare_s.append(command.run_bare(steps))
+        evaluation, save = command.time_extras()
+        eval_s.append(evaluation)
+        save_s.append(save)
 
     benchmark.group = "loop"
     benchmark.pedantic(one_round, rounds=rounds)
-    steps, records = runs[-1]
+    records = runs[-1]
     benchmark.extra_info.update(
         workload="command",
         backend=backend,
@@ -186,6 +188,11 @@ def test_command(benchmark, backend, quick, tmp_path):
         trainer_s=command_s,
         bare_s=bare_s,
         ratio=float(np.median(command_s) / np.median(bare_s)),
-        **command.work_beyond_steps(records, steps),
+        **beyond_steps(
+            records,
+            command.trainer.steps_per_checkpoint,
+            float(np.median(eval_s)),
+            float(np.median(save_s)),
+        ),
     )
     assert len(command_s) == rounds and all(t > 0 for t in command_s)
