@@ -218,8 +218,10 @@ class IterateData:
         rng = np.random.default_rng(np.random.SeedSequence([*self._seed, epoch]))
         return rng.permutation(self.n)
 
-    def _indices(self, step: int) -> np.ndarray:
-        """The rows of the dataset that this process yields at `step`."""
+    def indices(self, step: int) -> np.ndarray:
+        """The rows of `dataset` in the batch of global step (training) or batch
+        number (evaluation) `step`: this process's rows, except for the smaller
+        last evaluation batch, which every process gets whole (see `batch`)."""
         b = self.batch_size
         if not self.train and step >= self.steps_per_epoch:
             # The smaller last evaluation batch: all of it, on every process.
@@ -239,7 +241,7 @@ class IterateData:
         As yielded by the iterator: this process's rows only, except the smaller
         last evaluation batch, which every process gets whole.
         """
-        idx = self._indices(step)
+        idx = self.indices(step)
         return {name: x[idx] for name, x in self.dataset.items()}
 
     def __iter__(self) -> IterateData:

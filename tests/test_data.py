@@ -165,6 +165,20 @@ def test_eval_yields_each_example_once_in_order(nb, procs):
     np.testing.assert_array_equal(np.concatenate(seen), np.arange(n))
 
 
+@settings(max_examples=10)
+@given(sizes(train=False), st.booleans(), st.integers(0, 2), seeds)
+def test_indices_are_the_rows_of_each_batch(nb, train, process, seed):
+    n, b = nb
+    if train:  # at least one full batch
+        n, b = max(n, N_DEVICES), min(b, max(n, N_DEVICES) // N_DEVICES * N_DEVICES)
+    ds = IterateData(
+        make_dataset(n), b, train, seed, process_index=process, process_count=4
+    )
+    last = ds.num_batches + (3 * ds.steps_per_epoch if train else 0)
+    for step in range(last):
+        np.testing.assert_array_equal(ds.indices(step), ds.batch(step)["idx"])
+
+
 def test_eval_start_step_and_reset():
     ds = IterateData(make_dataset(20), 8, train=False, start_step=1)
     assert [b["idx"][0] for b in ds] == [8, 16]
