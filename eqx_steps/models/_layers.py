@@ -207,6 +207,11 @@ class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
     DnCNN training step on CPU; `fast_variance=False` gives Equinox's two-pass
     `E[(x - E[x])**2]`, more accurate when the mean is large compared with the
     standard deviation.
+
+    In `mode="batch"` the layer states its own derivative (for real inputs):
+    the same values as automatic differentiation, from two reductions of the
+    cotangent per layer instead of four, which makes a DnCNN training step on
+    CPU ~20% cheaper (see the performance page).
     """
 
     fast_variance: bool = eqx.field(static=True)
