@@ -362,50 +362,40 @@ def scaling_plot(records: list[dict], path: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
+    # (x key, which rows, the key that tells the curves apart, x label)
     panels = [
-        ("batch", "batch", lambda r: r["axis"] == "batch", "global batch (64x64)"),
-        (
-            "image",
-            "hw",
-            lambda r: r["axis"] == "image" or r["batch"] == 16,
-            "image side (batch 16)",
-        ),
-        (
-            "devices",
-            "devices",
-            lambda r: r["axis"] == "batch" and r["batch"] == 16,
-            "devices (batch 16, 64x64)",
-        ),
+        ("batch", lambda r: r["axis"] == "batch", "devices", "global batch (64x64)"),
+        ("hw", lambda r: r["batch"] == 16, "devices", "image side (batch 16)"),
+        ("devices", lambda r: r["hw"] == 64, "batch", "devices (64x64)"),
     ]
-    for ax, (_, key, keep, label) in zip(axes, panels):
-        for backend, colour in (("pmap", "C0"), ("sharded", "C1")):
-            for role, style in (("library", "-o"), ("baseline", "--x")):
-                points = {}
-                for r in rows:
-                    if (
-                        r["backend"] == backend
-                        and keep(r)
-                        and (
-                            key == "devices"
-                            or r["devices"] == max(x["devices"] for x in rows)
-                        )
-                    ):
-                        points[r[key]] = r[role]
-                if points:
-                    xs = sorted(points)
-                    ax.plot(
-                        xs,
-                        [points[x] * 1e3 for x in xs],
-                        style,
-                        color=colour,
-                        label=f"{backend} {role}",
-                    )
+    markers = "osD^v"
+    for ax, (key, keep, series, label) in zip(axes, panels):
+        curves: dict[tuple, dict] = {}
+        for r in rows:
+            if keep(r):
+                for role in ("library", "baseline"):
+                    curve = curves.setdefault((r["backend"], role, r[series]), {})
+                    curve[r[key]] = r[role]
+        values = sorted({c[2] for c in curves})
+        for (backend, role, value), points in sorted(curves.items()):
+            if len(points) < 2:
+                continue
+            xs = sorted(points)
+            ax.plot(
+                xs,
+                [points[x] * 1e3 for x in xs],
+                "-" if role == "library" else "--",
+                marker=markers[values.index(value) % len(markers)],
+                color="C0" if backend == "pmap" else "C1",
+                alpha=1.0 if role == "library" else 0.6,
+                label=f"{backend} {role}, {series} {value}",
+            )
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("ms per step")
-    axes[0].legend(fontsize=8)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     lines = [
