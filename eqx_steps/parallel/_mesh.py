@@ -91,6 +91,14 @@ class Placement:
             mesh, P(*([None] * self.device_axis), DEVICE_AXIS)
         )
         self._one_process = jax.process_count() == 1
+        # Host batches go through jit's C++ dispatch: on one XLA:CPU device ~7x
+        # faster than `jax.device_put`'s Python path, as fast on several. (A
+        # multi-process run's jit refuses host arrays with this sharding.)
+        self._put = jax.jit(
+            lambda b: b,
+            in_shardings=self.batch_sharding,
+            out_shardings=self.batch_sharding,
+        )
 
     def check_batch(self, batch: Any) -> None:
         """Raise a clear error unless `batch` is a dict with image and label whose
@@ -115,6 +123,8 @@ class Placement:
         """The batch on the mesh's devices (arrays already there are kept)."""
         sharding = self.batch_sharding
         if self._one_process:
+            if not any(isinstance(x, jax.Array) for x in batch.values()):
+                return self._put(dict(batch))
             return {
                 k: x
                 if isinstance(x, jax.Array) and x.sharding == sharding
