@@ -52,6 +52,11 @@ def batch_moments(
     return mean, jnp.maximum(0.0, var)
 
 
+def scale_shift(x, mean, var, eps, weight, bias):
+    """`(x - mean) / sqrt(var + eps) * weight + bias`, as Flax computes it."""
+    return (x - mean) * (lax.rsqrt(var + eps) * weight) + bias
+
+
 @functools.partial(jax.custom_jvp, nondiff_argnums=(3, 4, 5))
 def normalise(
     x: Float[Array, "*spatial channels"],
@@ -68,7 +73,7 @@ def normalise(
     """`(x - mean) / sqrt(var + eps) * weight + bias` by the batch statistics of
     `x` (see [`batch_moments`][]), and those statistics `(mean, var)`."""
     mean, var = batch_moments(x, axis_name, fast_variance)
-    return (x - mean) * (lax.rsqrt(var + eps) * weight) + bias, mean, var
+    return scale_shift(x, mean, var, eps, weight, bias), mean, var
 
 
 @normalise.defjvp

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._validate import check_int, is_int
-from ._batch_norm import batch_moments, normalise
+from ._batch_norm import batch_moments, normalise, scale_shift
 
 
 Initializer = Callable[..., Array]
@@ -298,11 +298,10 @@ class ChannelsLastBatchNorm(eqx.nn.BatchNorm):
             # Equinox's zero-debiasing of the running statistics.
             scale = jnp.where(counter == 0, 1, 1 - self.momentum**counter)
             mean, var = hidden_mean / scale, hidden_var / scale
-            y = (x - mean) * (lax.rsqrt(var + self.eps) * weight) + bias
-            return y, state
+            return scale_shift(x, mean, var, self.eps, weight, bias), state
         if jnp.iscomplexobj(x):  # the hand-written gradient is for real inputs
             mean, var = batch_moments(x, self.axis_name, self.fast_variance)
-            y = (x - mean) * (lax.rsqrt(var + self.eps) * weight) + bias
+            y = scale_shift(x, mean, var, self.eps, weight, bias)
         else:
             y, mean, var = normalise(
                 x, weight, bias, self.eps, self.axis_name, self.fast_variance
