@@ -21,7 +21,8 @@ holding the leaf, `owner=`, which the post-processors pass). They are pure and
 traceable (`jax.jit`, `eqx.filter_pmap`), and they never touch static fields,
 non-array leaves (activation functions), integer leaves, or `None` leaves (the
 steps pass the trainable partition of the model, where the non-trainable leaves
-are `None`; they stay `None`).
+are `None`; they stay `None`). A post-processor whose traversal selects
+nothing raises `ValueError` instead of silently doing nothing.
 
 These reproduce SCICO's `scico.flax.train.traversals` and
 `scico.flax.train.spectral` on Equinox PyTrees instead of Flax parameter dicts.
@@ -99,6 +100,14 @@ _SCICO_NAMES: dict[str, tuple[str, tuple[type, ...] | None]] = {
 class _NameTraversal:
     prmname: str
 
+    def __repr__(self) -> str:
+        return f"construct_traversal({self.prmname!r})"
+
+    def iterate(self, model: PyTree) -> list[Any]:
+        """The leaves of `model` this traversal selects, in `tree_leaves` order
+        (SCICO's `ModelParamTraversal.iterate`)."""
+        return [leaf for _, leaf in _selected_leaves(self, model)]
+
     def __call__(self, path: KeyPath, leaf: Any, owner: type | None = None) -> bool:
         if not eqx.is_inexact_array(leaf):
             return False
@@ -150,6 +159,9 @@ def construct_traversal(prmname: str) -> Traversal:
     post-processors of this module, which pass `owner`, the class of the
     `eqx.Module` holding the leaf (`"kernel"` and `"scale"` need it). It compares
     and hashes by `prmname`, so rebuilding it does not retrace a jitted step.
+    `traversal.iterate(model)` lists the leaves of `model` it selects, in
+    `jax.tree_util.tree_leaves` order (SCICO's `ModelParamTraversal.iterate`),
+    e.g. `[w.shape for w in construct_traversal("kernel").iterate(model)]`.
     """
     if not isinstance(prmname, str):
         raise TypeError(
@@ -164,6 +176,43 @@ def _selects(traversal: Traversal, path: KeyPath, leaf: Any, owner: Any) -> bool
     if isinstance(traversal, _NameTraversal):
         return traversal(path, leaf, owner)
     return traversal(path, leaf)
+
+
+def _selected_leaves(traversal: Traversal, model: PyTree) -> list[tuple[KeyPath, Any]]:
+    """The floating-point array leaves of `model` that `traversal` selects, with
+    their key paths, in `tree_leaves` order."""
+    return [
+        (path, leaf)
+        for path, leaf, owner in _leaves_with_owners(model)
+        if eqx.is_inexact_array(leaf) and _selects(traversal, path, leaf, owner)
+    ]
+
+
+def _selects_nothing(fn: str, traversal: Any, model: PyTree, what: str) -> ValueError:
+    """The error of a post-processor whose traversal selects no leaf of `model`.
+
+    A traversal that selects nothing (a misspelt name) would make the
+    post-processor silently do nothing; this names the traversal and a few of
+    the model's floating-point leaf paths to choose from. The selection depends
+    on the model's structure only, so under `jit` this runs once, at trace time.
+    """
+    paths = [
+        path_to_str(path)
+        for path, leaf, _ in _leaves_with_owners(model)
+        if eqx.is_inexact_array(leaf)
+    ]
+    if paths:
+        shown = ", ".join(repr(p) for p in paths[:6])
+        more = f", ... ({len(paths)} in all)" if len(paths) > 6 else ""
+        have = f"the model's floating-point leaves are {shown}{more}"
+    else:
+        have = "the model has no floating-point array leaf"
+    return ValueError(
+        f"{fn}: the traversal {traversal!r} selects no {what} of the model, so it "
+        f"would do nothing; {have} (a step passes only the trainable leaves). "
+        "Choose a traversal that selects what is meant: `construct_traversal` "
+        "with 'kernel', 'scale', 'bias' or a part of one of these paths."
+    )
 
 
 def _leaves_with_owners(tree: PyTree) -> list[tuple[KeyPath, Any, type | None]]:
@@ -232,7 +281,13 @@ def _map_selected(
             )
         return f(leaf).astype(leaf.dtype)
 
-    leaves = [update(*entry) for entry in _leaves_with_owners(model)]
+    entries = _leaves_with_owners(model)
+    if not any(
+        eqx.is_inexact_array(leaf) and _selects(traversal, path, leaf, owner)
+        for path, leaf, owner in entries
+    ):
+        raise _selects_nothing(fn_name, traversal, model, "leaf")
+    leaves = [update(*entry) for entry in entries]
     return jtu.tree_unflatten(jtu.tree_structure(model), leaves)
 
 
@@ -254,6 +309,13 @@ def clip_positive(
     **Returns:**
 
     The model with the selected leaves clipped, same structure and dtypes.
+
+    **Raises:**
+
+    `ValueError` when `traversal` selects no floating-point leaf of `model` (a
+    misspelt name would otherwise make the clipping silently do nothing), naming
+    the traversal and some of the model's leaf paths. Under `jit` the selection
+    is checked once, when the step is traced.
     """
     fn = "clip_positive"
     _check_traversal(fn, traversal)
@@ -283,6 +345,13 @@ def clip_range(
     **Returns:**
 
     The model with the selected leaves clipped, same structure and dtypes.
+
+    **Raises:**
+
+    `ValueError` when `traversal` selects no floating-point leaf of `model` (a
+    misspelt name would otherwise make the clipping silently do nothing), naming
+    the traversal and some of the model's leaf paths. Under `jit` the selection
+    is checked once, when the step is traced.
     """
     fn = "clip_range"
     _check_traversal(fn, traversal)
@@ -371,6 +440,12 @@ def spectral_normalization_conv(
     **Returns:**
 
     The model with the selected convolution weights normalised.
+
+    **Raises:**
+
+    `ValueError` when `traversal` selects no convolution weight of `model`,
+    naming the traversal and some of the model's leaf paths (checked once, at
+    trace time, under `jit`).
     """
     fn = "spectral_normalization_conv"
     _check_traversal(fn, traversal)
@@ -381,7 +456,10 @@ def spectral_normalization_conv(
     def is_conv(x: Any) -> bool:
         return isinstance(x, _ConvLike)
 
+    n_selected = 0
+
     def update(path: KeyPath, node: Any) -> Any:
+        nonlocal n_selected
         if not is_conv(node):
             return node
         weight = node.weight
@@ -391,7 +469,11 @@ def spectral_normalization_conv(
             and _selects(traversal, weight_path, weight, type(node))
         ):
             return node
+        n_selected += 1
         new_weight = _normalise_conv_weight(node, weight_path, xshape, n_steps, seed)
         return eqx.tree_at(lambda c: c.weight, node, new_weight)
 
-    return jtu.tree_map_with_path(update, model, is_leaf=is_conv)
+    out = jtu.tree_map_with_path(update, model, is_leaf=is_conv)
+    if n_selected == 0:
+        raise _selects_nothing(fn, traversal, model, "convolution weight")
+    return out

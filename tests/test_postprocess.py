@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import jax.tree_util as jtu
 import numpy as np
+import optax
 import pytest
 from helpers import tree_allclose, tree_equal
 from hypothesis import given, strategies as st
@@ -71,6 +72,9 @@ NAMES = [
     "nope",
 ]
 
+
+# Names that select no floating-point leaf of _Net ("count" is an integer leaf).
+_SELECTS_NOTHING = ("count", "nope")
 
 # SCICO's names on _Net: Flax's "kernel" (conv and dense weights), "scale" (norm
 # weights) and "bias"; every other name is a substring of the path.
@@ -274,9 +278,13 @@ def test_clip_range_property(prmname, lo, width, seed, filtered):
     if filtered:  # the trainable partition the steps pass: None for the rest
         model = eqx.filter(model, eqx.is_inexact_array)
     hi = lo + width
+    if prmname in _SELECTS_NOTHING:
+        with pytest.raises(ValueError, match="selects no leaf"):
+            clip_range(model, construct_traversal(prmname), minval=lo, maxval=hi)
+        return
     out = clip_range(model, construct_traversal(prmname), minval=lo, maxval=hi)
     n = _check_clipped(model, out, prmname, lo, hi)
-    assert (n == 0) == (prmname in ("count", "nope"))
+    assert n > 0
     assert out.size == model.size  # static field
 
 
@@ -290,8 +298,12 @@ def test_clip_positive_property(prmname, minval, seed, filtered):
     model = _Net(seed)
     if filtered:
         model = eqx.filter(model, eqx.is_inexact_array)
+    if prmname in _SELECTS_NOTHING:
+        with pytest.raises(ValueError, match="selects no leaf"):
+            clip_positive(model, construct_traversal(prmname), minval=minval)
+        return
     out = clip_positive(model, construct_traversal(prmname), minval=minval)
-    _check_clipped(model, out, prmname, minval, None)
+    assert _check_clipped(model, out, prmname, minval, None) > 0
 
 
 def test_clip_defaults_are_scicos():
@@ -577,3 +589,99 @@ def test_bad_arguments_raise_naming_the_argument():
         ValueError, match="clip_positive: the traversal selects the complex leaf '/z'"
     ):
         clip_positive(tree, construct_traversal("z"))
+
+
+# --- traversals that select nothing; iterate -------------------------------
+
+
+@given(prmname=st.sampled_from(NAMES), filtered=st.booleans())
+def test_iterate_lists_the_selected_leaves(prmname, filtered):
+    model = _Net(3)
+    if filtered:
+        model = eqx.filter(model, eqx.is_inexact_array)
+    got = construct_traversal(prmname).iterate(model)
+    want = [
+        leaf
+        for path, leaf in jtu.tree_flatten_with_path(model)[0]
+        if eqx.is_inexact_array(leaf) and _selected(prmname, path, leaf)
+    ]
+    assert len(got) == len(want) and all(a is b for a, b in zip(got, want))
+
+
+def test_iterate_on_a_bundled_model_as_scico_tests_it():
+    # SCICO's test_traversal: every "kernel" is 4-D, every "scale"/"bias" 1-D.
+    model = es.models.ConvBNNet(
+        depth=3, channels=1, num_filters=4, key=jax.random.key(0)
+    )
+    kernels = construct_traversal("kernel").iterate(model)
+    assert len(kernels) == 3 and all(k.ndim == 4 for k in kernels)
+    for name in ("scale", "bias"):
+        leaves = construct_traversal(name).iterate(model)
+        assert leaves and all(x.ndim == 1 for x in leaves)
+
+
+def _post_lst_step(post):
+    """A jitted train_step_post with one post-processor on a tiny model."""
+    model = eqx.nn.Linear(2, 2, key=jax.random.key(0))
+    state = es.TrainState.create(model, optax.sgd(0.1))
+    batch = {"image": jnp.ones((2, 2)), "label": -jnp.ones((2, 2))}
+    step = eqx.filter_jit(
+        functools.partial(
+            es.train_step_post,
+            learning_rate_fn=lambda step: 0.1,
+            criterion=es.mse_loss,
+            train_step_fn=es.train_step,
+            metrics_fn=es.compute_metrics,
+            post_lst=[post],
+            axis_name=None,
+        )
+    )
+    return step, state, batch
+
+
+@pytest.mark.parametrize(
+    "post, what",
+    [
+        (functools.partial(clip_positive, minval=0.5), "leaf"),
+        (functools.partial(clip_range, minval=0.0, maxval=1.0), "leaf"),
+        (
+            functools.partial(spectral_normalization_conv, xshape=(4, 4, 1)),
+            "convolution weight",
+        ),
+    ],
+)
+def test_a_traversal_that_selects_nothing_raises_naming_it(post, what):
+    net = _Net(0)
+    with pytest.raises(ValueError) as info:
+        post(net, traversal=construct_traversal("lmdba"))
+    msg = str(info.value)
+    assert f"construct_traversal('lmdba') selects no {what}" in msg
+    assert "'/conv/weight'" in msg and "in all" in msg
+
+
+def test_a_misspelt_traversal_fails_the_step_once_at_trace_time():
+    calls = []
+
+    def trav(path, leaf):
+        calls.append(path)
+        return "lmdba" in path_to_str(path)
+
+    post = functools.partial(clip_positive, traversal=trav, minval=0.5)
+    step, state, batch = _post_lst_step(post)
+    with pytest.raises(ValueError, match="selects no leaf.*'/weight', '/bias'"):
+        step(state, batch)
+
+    # One that selects something: the selection runs when the step is traced,
+    # not at each step.
+    def bias(path, leaf):
+        calls.append(path)
+        return path_to_str(path) == "/bias"
+
+    post = functools.partial(clip_positive, traversal=bias, minval=0.5)
+    step, state, batch = _post_lst_step(post)
+    state, _ = step(state, batch)
+    n_traced = len(calls)
+    for _ in range(3):
+        state, _ = step(state, batch)
+    assert len(calls) == n_traced > 0
+    assert float(jnp.min(state.model.bias)) >= 0.5
