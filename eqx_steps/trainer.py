@@ -188,6 +188,22 @@ class BasicTrainer:
         self.history = History()
         self._hooks: list[Hook] = []
 
+    @property
+    def p_train_step(self) -> Callable[[TrainState, Any], tuple[TrainState, Any]]:
+        """SCICO's `p_train_step`: the compiled parallel training step `train()`
+        calls, one step per call, `(state, batch) -> (new_state, metrics)`, on a
+        batch of `train_dt_iter` (see [`eqx_steps.parallel_train_step`][]). It
+        donates `state` (the trainer owns its states): use the returned state,
+        never the one passed in, afterwards."""
+        return self._train_fns[1]
+
+    @property
+    def p_eval_step(self) -> Callable[[TrainState, Any], Any]:
+        """SCICO's `p_eval_step`: the compiled parallel evaluation step,
+        `(state, batch) -> metrics` per device, on a batch of `eval_dt_iter` (see
+        [`eqx_steps.parallel_eval_step`][])."""
+        return self.eval_fn
+
     def _train_iter(self, step: int, steps_per_call: int) -> DeviceIter:
         return create_input_iter(
             self.data_key,
