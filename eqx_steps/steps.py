@@ -18,6 +18,7 @@ import jax.random as jr
 import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
+from ._axis_check import check_axis_names
 from ._model_checks import check_model_state, ModelStateError
 from .schedules import as_schedule
 from .state import per_example, TrainState, whole_batch
@@ -140,7 +141,11 @@ def _apply_forward(
         return state.forward(model, state.model_state, x, **kwargs)
     except ModelStateError:
         raise
+    except NameError as e:  # a layer's collective over an axis no step binds
+        check_axis_names(model, e)
+        raise
     except (TypeError, ValueError) as e:
+        check_axis_names(model, e)
         first = (str(e).strip().splitlines() or [""])[0]
         raise ValueError(
             f"the model cannot take `batch['image']` of {_describe(x)} (per device) "
