@@ -56,6 +56,44 @@ def _to_unit_range(array: np.ndarray, name: str) -> Image:
     raise ValueError(f"{name}: pixels of dtype {array.dtype} are not an image.")
 
 
+# A floating-point image file is taken as it is when its values lie within
+# [-0.5, 1.5] (a noisy [0, 1] image crosses the bounds a little); beyond that it
+# is in other units, and taking it as [0, 1] would turn it white or black.
+_FLOAT_RANGE = (-0.5, 1.5)
+
+
+def _check_float_range(array: np.ndarray, name: str) -> None:
+    """Refuse a floating-point image whose values are clearly not in [0, 1]."""
+    if not (array.size and np.issubdtype(array.dtype, np.floating)):
+        return
+    lo, hi = float(array.min()), float(array.max())
+    if lo < _FLOAT_RANGE[0] or hi > _FLOAT_RANGE[1]:
+        raise ValueError(
+            f"{name}: floating-point pixel values {lo:g}..{hi:g} are not in [0, 1] "
+            "(this library's pixel scale), so the image would come out white or "
+            "black; rescale it to [0, 1] first, e.g. `(x - x.min()) / (x.max() - "
+            "x.min())`, or save it as an 8- or 16-bit image."
+        )
+
+
+def has_alpha(path: str | os.PathLike) -> bool:
+    """Whether an image file has an alpha (transparency) channel, which
+    [`eqx_steps.images.read_image`][] drops.
+
+    **Arguments:**
+
+    - `path`: an image file (only its header is read).
+
+    **Returns:**
+
+    `True` for an RGBA, LA or PA image, or a palette image with transparency.
+    """
+    from PIL import Image as PILImage
+
+    with PILImage.open(os.fspath(path)) as im:
+        return "A" in im.getbands() or (im.mode == "P" and "transparency" in im.info)
+
+
 def _with_channels(array: np.ndarray, name: str) -> np.ndarray:
     """`(H, W)` -> `(H, W, 1)`; `(H, W, C)` kept; anything else refused."""
     if array.ndim == 2:
@@ -72,7 +110,10 @@ def read_image(path: str | os.PathLike) -> Image:
     """Read one image file as a float32 `(H, W, C)` array in `[0, 1]`.
 
     Grayscale files give `C = 1`, colour files `C = 3` (an alpha channel is
-    dropped, a palette expanded to RGB).
+    dropped, see [`eqx_steps.images.has_alpha`][]; a palette expanded to RGB).
+    8-bit values are divided by 255, 16-bit ones by 65535; floating-point files
+    (e.g. 32-bit TIFF) are taken as they are, and refused when their values are
+    clearly not in `[0, 1]` (below -0.5 or above 1.5).
 
     **Arguments:**
 
@@ -85,7 +126,8 @@ def read_image(path: str | os.PathLike) -> Image:
     **Raises:**
 
     `FileNotFoundError` if `path` does not exist, `ValueError` naming the file if
-    it cannot be decoded as an image.
+    it cannot be decoded as an image or holds floating-point values far outside
+    `[0, 1]` (naming their range).
     """
     from PIL import Image as PILImage, UnidentifiedImageError
 
@@ -102,7 +144,9 @@ def read_image(path: str | os.PathLike) -> Image:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {name!r}: {e}") from None
-    return _with_channels(_to_unit_range(array, repr(name)), repr(name))
+    image = _with_channels(_to_unit_range(array, repr(name)), repr(name))
+    _check_float_range(image, repr(name))
+    return image
 
 
 def _array_images(path: str) -> list[tuple[str, Image]]:

@@ -230,3 +230,37 @@ def test_a_colour_run_takes_the_channels_together(colour, gray, tmp_path, capsys
     code, err = _exit_code(capsys, [str(gray), "--run", str(run), "--out", str(out)])
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "trained on 3-channel images" in err
+
+
+def test_a_float_tiff_outside_0_1_is_refused_naming_its_range(tmp_path, capsys):
+    from PIL import Image
+
+    path = tmp_path / "counts.tif"
+    values = np.linspace(100, 800, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(values, mode="F").save(path)
+    out = tmp_path / "out.png"
+    code, err = _exit_code(capsys, [str(path), "--variant", "6L", "--out", str(out)])
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "counts.tif" in err and "100..800 are not in [0, 1]" in err, err
+    assert "rescale it to [0, 1]" in err
+    assert not out.exists()
+    # A float image in [0, 1] (noise may cross the bounds a little) is taken.
+    Image.fromarray(values / 800 - 0.05, mode="F").save(path)
+    text = _denoise([str(path), "--variant", "6L", "--out", str(out)])
+    assert "counts.tif (32x32, 1 channel(s))" in text
+
+
+def test_an_rgba_image_says_its_alpha_is_dropped(colour, tmp_path):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(colour))
+    alpha = np.full(rgb.shape[:2] + (1,), 128, np.uint8)
+    path = tmp_path / "rgba.png"
+    Image.fromarray(np.concatenate([rgb, alpha], -1), mode="RGBA").save(path)
+    out = tmp_path / "out.png"
+    text = _denoise([str(path), "--variant", "6L", "--out", str(out)])
+    first = text.splitlines()[0]
+    assert "(40x48, 3 channel(s); its alpha channel is dropped)" in first, first
+    np.testing.assert_array_equal(images.read_image(path), images.read_image(colour))
+    assert not images.has_alpha(colour) and images.has_alpha(path)
+    assert "alpha" not in _denoise([str(colour), "--variant", "6L", "--out", str(out)])

@@ -249,16 +249,20 @@ def _snr(reference: np.ndarray, image: np.ndarray) -> float:
     return float(snr(reference, image))
 
 
-def _describe(path: str, image: np.ndarray, name: str, model: Any, tile) -> str:
+def _describe(
+    path: str, image: np.ndarray, name: str, model: Any, tile, alpha: bool = False
+) -> str:
     """The first line printed: the image, the model and how it is applied."""
     h, w, c = image.shape
+    dropped = "; its alpha channel is dropped" if alpha else ""
     how = ""
     if c > 1:
         together = getattr(model, "channels", None) == c
         how = ", channels together" if together else ", each channel on its own"
     tiles = f"tiles of {tile}x{tile}" if tile else "untiled"
     return (
-        f"eqx-steps denoise: {path} ({w}x{h}, {c} channel(s)) with {name}{how}, {tiles}"
+        f"eqx-steps denoise: {path} ({w}x{h}, {c} channel(s){dropped}) with "
+        f"{name}{how}, {tiles}"
     )
 
 
@@ -266,7 +270,7 @@ def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps denoise` with the parsed `args`; the exit status."""
     tile = _check_numbers(args)
     out, compare = output_paths(args.image, args.out)
-    from ..images import read_image, write_image
+    from ..images import has_alpha, read_image, write_image
 
     with reported():
         if not os.path.exists(args.image):
@@ -274,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
                 f"IMAGE {args.image!r} does not exist; give a PNG, JPEG or TIFF file"
             )
         original = read_image(args.image)
+        alpha = has_alpha(args.image)
     from ..platform import backends_started, configure_xla_flags
 
     if not backends_started():
@@ -286,7 +291,7 @@ def run(args: argparse.Namespace) -> int:
         else _trained(args.run_dir, original.shape[-1])
     )
     sigma = _noise_level(model, args, name)
-    print(_describe(args.image, original, name, model, tile), flush=True)
+    print(_describe(args.image, original, name, model, tile, alpha), flush=True)
     noisy = original
     if args.noise is not None:
         noisy = add_noise(original, args.noise, args.seed)
