@@ -1,5 +1,7 @@
 """Image files in and out (`eqx_steps.images`), and random patches."""
 
+import os
+
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -136,3 +138,15 @@ def test_patches_refuse_small_images():
         images.random_patches([np.zeros((8, 8, 1)), np.zeros((3, 8, 1))], 2, size=4)
     with pytest.raises(ValueError, match="empty"):
         images.random_patches([], 2, size=4)
+
+
+def test_a_picture_that_cannot_be_written_names_the_file_and_the_cause(tmp_path):
+    folder = tmp_path / "pic.png"
+    folder.mkdir()
+    with pytest.raises(OSError, match=r"cannot write '.*pic.png': it is a folder"):
+        images.write_image(folder, np.zeros((4, 4)))
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file")
+    with pytest.raises(OSError, match=r"'.*blocker' is a file, not a folder"):
+        images.write_image(blocker / "sub" / "pic.png", np.zeros((4, 4)))
+    assert sorted(os.listdir(tmp_path)) == ["blocker", "pic.png"]  # no leftovers

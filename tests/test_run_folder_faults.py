@@ -13,6 +13,7 @@ import sys
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 
@@ -151,3 +152,51 @@ def test_a_torn_metrics_line_is_ignored_and_cut_on_resume(run_dir, capsys, tmp_p
     records = [json.loads(x) for x in metrics.read_text().splitlines()]
     assert records[: len(lines)] == [json.loads(x) for x in lines]
     assert all(r["step"] != 99 for r in records)
+
+
+def _step_folders(run_dir):
+    return sorted(n for n in os.listdir(run_dir) if n.isdigit())
+
+
+@pytest.mark.slow
+def test_a_picture_that_cannot_be_written_is_one_line_and_keeps_the_checkpoints(
+    run_dir, tmp_path, capsys
+):
+    out = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(run_dir), str(out)], check=True)
+    os.remove(out / "curves.png")
+    (out / "curves.png").mkdir()  # written when training ends
+    argv = ["train", "--out", str(out), "--resume", "--epochs", "3"]
+    code, err = _exit(capsys, argv)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"cannot write '{out / 'curves.png'}': it is a folder" in err, err
+    assert "Traceback" not in err
+    # Training finished and its checkpoints are whole: the run resumes from them.
+    assert es.latest_step(out) == 12 and "12" in _step_folders(out)
+
+
+@pytest.mark.slow
+def test_a_full_disk_while_writing_a_picture_is_one_line(tmp_path):
+    # A subprocess under a 4 KiB file-size limit: the comparison picture
+    # (about 20 KB) fails with EFBIG, as on a full disk.
+    image = tmp_path / "in.png"
+    es.images.write_image(image, np.linspace(0, 1, 64 * 64).reshape(64, 64))
+    code = (
+        "import resource, signal, sys; "
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096)); "
+        "from eqx_steps import cli; sys.exit(cli.main(sys.argv[1:]))"
+    )
+    argv = ["denoise", str(image), "--variant", "6L", "--out", str(tmp_path / "o.png")]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *argv],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": ROOT},
+    )
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and len(err.splitlines()) == 1, err
+    assert "cannot write" in err and "o-compare.png" in err, err
+    assert "File too large" in err
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-")]

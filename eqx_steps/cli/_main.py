@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .._io import WriteError
 from . import denoise, evaluate, info, train
 from ._errors import one_line, UsageError
 
@@ -65,7 +66,7 @@ def main(argv: Sequence[str] | None = None, *, prog: str = "eqx-steps") -> int:
     args = build_parser(prog).parse_args(argv)
     try:
         return args.run(args)
-    except UsageError as e:
+    except (UsageError, WriteError) as e:  # a bad input; a file not written
         print(
             f"{prog} {args.command}: error: {one_line(e)}", file=sys.stderr, flush=True
         )
