@@ -19,6 +19,7 @@ from .checkpoint import (
     checkpoint_restore as checkpoint_restore,
     checkpoint_save as checkpoint_save,
     CheckpointFallbackWarning as CheckpointFallbackWarning,
+    CorruptCheckpointError as CorruptCheckpointError,
     latest_step as latest_step,
     load_config as load_config,
     prepare_workdir as prepare_workdir,

@@ -177,17 +177,63 @@ def _remove_partial(path: Path) -> list[str]:
     return [p.name for p in removed]
 
 
-class _CorruptStep(ValueError):
-    """A step that cannot be read back (as opposed to one unlike `state`)."""
+class CorruptCheckpointError(ValueError):
+    """A checkpoint step that cannot be read back: incomplete or damaged files.
+
+    Raised by [`eqx_steps.checkpoint_restore`][] (and so by `BasicTrainer` and
+    the commands) for the latest step, unless `fallback=True`. A `ValueError`;
+    its message names the step folder, the cause and the older steps on disk.
+
+    **Attributes:** `step` (the step that cannot be read) and `reason` (the
+    error that reading it raised, on one line).
+    """
 
     def __init__(self, text: str, step: int, reason: str):
         super().__init__(text)
         self.step, self.reason = step, reason
 
 
+def check_readable(step_dir: Path) -> None:
+    """Read every stored value of a step's arrays, with blocking calls.
+
+    orbax 0.12.8 reads a step's arrays (`manager.metadata`, `manager.restore`)
+    as one `asyncio.gather` over tensorstore futures, run by
+    `asyncio_utils.run_sync` in a fresh event loop that it closes as soon as the
+    gather raises: to avoid a thread-safety race it does not use `asyncio.run`,
+    so the other reads are not cancelled. On a damaged step the first failed
+    read ends the gather, the loop is closed, and each read still in flight then
+    completes into the closed loop: tensorstore's completion callback calls
+    `loop.call_soon_threadsafe`, which raises "RuntimeError: Event loop is
+    closed", printed on stderr as an unraisable exception, one traceback per
+    read, after the error was reported.
+
+    Reading the raw stored values here first, with tensorstore's blocking
+    `result()` and no event loop, makes a damaged step (a truncated or missing
+    data file, a damaged manifest) fail before orbax starts, with nothing left
+    in flight that could call back. It reads the step's bytes once more than a
+    restore does (the second read comes from the page cache).
+
+    **Raises:**
+
+    The error of the first value that cannot be read (tensorstore's
+    `ValueError`, or an `OSError`).
+    """
+    import tensorstore as ts
+
+    base = step_dir / _STATE
+    if not (base / "manifest.ocdbt").is_file():
+        return  # not an OCDBT step: orbax's own reading is all there is
+    store = ts.KvStore.open({"driver": "ocdbt", "base": base.as_uri() + "/"}).result()
+    keys = store.list().result()
+    for start in range(0, len(keys), 64):  # a bounded number of reads in flight
+        reads = [store.read(key) for key in keys[start : start + 64]]
+        for read in reads:
+            read.result()
+
+
 def _corrupt(
     path: Path, step: int, steps: list[int], error: BaseException
-) -> _CorruptStep:
+) -> CorruptCheckpointError:
     older = [s for s in steps if s < step]
     hint = (
         f" Older steps on disk: {older}; restore with fallback=True (the command: "
@@ -197,7 +243,7 @@ def _corrupt(
         else " No older step is on disk: start the run afresh."
     )
     reason = f"{type(error).__name__}: {_short(error)}"
-    return _CorruptStep(
+    return CorruptCheckpointError(
         f"checkpoint step {step} in {str(path)!r} is incomplete or corrupt "
         f"({reason}).{hint}",
         step,

@@ -35,7 +35,6 @@ from ._checkpoint_parts import (
     _CONFIG,
     _config_dict,
     _corrupt,
-    _CorruptStep,
     _host_int,
     _is_key,
     _key_impl,
@@ -45,6 +44,8 @@ from ._checkpoint_parts import (
     _short,
     _STATE,
     _workdir,
+    check_readable,
+    CorruptCheckpointError as CorruptCheckpointError,
 )
 from ._validate import check_int
 from .state import TrainState
@@ -218,6 +219,7 @@ def _restore_step(
 ) -> Any:
     """The arrays of checkpoint `step`, compared with `target` first."""
     try:
+        check_readable(path / str(step))  # before orbax: see check_readable
         items = manager.metadata(step).item_metadata
         metadata = None if items is None else items.get(_STATE)
         if metadata is None or not hasattr(metadata, "tree"):
@@ -270,7 +272,9 @@ def checkpoint_restore(
 
     - `FileNotFoundError`: no checkpoint in `workdir` (and not `ok_no_ckpt`).
     - `ValueError`: the checkpoint does not match `state` (names the first
-        mismatching leaf), or it is corrupt.
+        mismatching leaf), or it is corrupt ([`eqx_steps.CorruptCheckpointError`][],
+        a `ValueError`: a damaged step fails on its own line, with nothing else
+        printed).
     """
     _check_state(state)
     path = _workdir(workdir)
@@ -304,12 +308,12 @@ def checkpoint_restore(
     with _manager(path, create=False) as manager:
         steps = sorted(manager.all_steps())
         candidates = [s for s in reversed(steps) if s <= step] if fallback else [step]
-        errors: list[_CorruptStep] = []
+        errors: list[CorruptCheckpointError] = []
         for s in candidates:
             try:
                 restored = _restore_step(manager, path, s, steps, target)
                 break
-            except _CorruptStep as e:
+            except CorruptCheckpointError as e:
                 errors.append(e)
         else:
             raise errors[0]
