@@ -272,3 +272,26 @@ def test_from_scico_variables_names_the_first_differing_path():
         models.from_scico_variables(build("resnet"), {"params": {}})
     with pytest.raises(TypeError, match="must be one of"):
         models.from_scico_variables(eqx.nn.Linear(2, 2, key=jax.random.PRNGKey(0)), v)
+
+
+# ---------------------------------------------------------------- the tutorial
+
+
+@pytest.mark.slow
+def test_deblur_ct_tutorial_runs(tmp_path):
+    """docs/tutorials/deblur-ct.md shows examples/deblur_ct.py: it runs."""
+    import importlib.util
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "examples", "deblur_ct.py")
+    spec = importlib.util.spec_from_file_location("deblur_ct", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    picture = tmp_path / "deblur-ct.png"
+    results = module.main(
+        size=16, n_train=16, steps=2, batch_size=4, filters=4, picture=picture
+    )
+    assert picture.stat().st_size > 1000
+    assert set(results) >= {"deblur_modl", "deblur_odp", "ct_modl", "blurred"}
+    assert all(np.isfinite(v) for v in results.values())
