@@ -258,9 +258,7 @@ def test_from_scico_variables_names_the_first_differing_path():
     v["params"]["ResNet_0"]["Conv_0"]["kernel"] = np.zeros((3, 3, 8, 2), np.float32)
     with pytest.raises(ValueError, match="'params/ResNet_0/Conv_0/kernel' has shape"):
         models.from_scico_variables(build("modl"), v)
-    with pytest.raises(
-        ValueError, match="'params/ODPGrDescBlock_0/alpha' is missing"
-    ):
+    with pytest.raises(ValueError, match="'params/ODPGrDescBlock_0/alpha' is missing"):
         models.from_scico_variables(build("odp_gd"), variables("odp"))
     with pytest.raises(ValueError, match="is not a parameter of this model"):
         models.from_scico_variables(

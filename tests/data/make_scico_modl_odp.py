@@ -35,13 +35,12 @@ from scico.flax.inverse import (  # noqa: E402
     ODPProxDcnvBlock,
     ODPProxDnBlock,
 )
+from scico.flax.train.diagnostics import compute_metrics  # noqa: E402
 from scico.flax.train.losses import mse_loss  # noqa: E402
 from scico.flax.train.state import create_basic_train_state  # noqa: E402
 from scico.flax.train.steps import train_step, train_step_post  # noqa: E402
 from scico.flax.train.traversals import clip_positive, construct_traversal  # noqa: E402
 from scico.linop.xray import XRayTransform2D  # noqa: E402
-
-from scico.flax.train.diagnostics import compute_metrics  # noqa: E402
 
 
 OUT = {}
@@ -121,7 +120,11 @@ def steps(case, model, variables, y, x, name, minvals):
             "label": x.reshape(n, -1, *x.shape[1:]),
         }
         for k, minval in enumerate(minvals, 1):
-            post = [partial(clip_positive, traversal=construct_traversal(name), minval=minval)]
+            post = [
+                partial(
+                    clip_positive, traversal=construct_traversal(name), minval=minval
+                )
+            ]
             fn = jax.pmap(
                 partial(
                     train_step_post,
@@ -134,8 +137,16 @@ def steps(case, model, variables, y, x, name, minvals):
                 axis_name="batch",
             )
             state, metrics = fn(state, batch)
-            store(case, f"step{k}_dev{n}_params", jax.tree_util.tree_map(lambda a: a[0], state.params))
-            store(case, f"step{k}_dev{n}_stats", jax.tree_util.tree_map(lambda a: a.mean(0), state.batch_stats))
+            store(
+                case,
+                f"step{k}_dev{n}_params",
+                jax.tree_util.tree_map(lambda a: a[0], state.params),
+            )
+            store(
+                case,
+                f"step{k}_dev{n}_stats",
+                jax.tree_util.tree_map(lambda a: a.mean(0), state.batch_stats),
+            )
             OUT[f"{case}|step{k}_dev{n}_loss|"] = np.asarray(metrics["loss"]).mean()
 
 
@@ -165,16 +176,25 @@ def main():
     OUT["x16||"], OUT["y16||"] = xs, ys
     small = dict(depth=2, channels=1, num_filters=4, block_depth=2)
     odp = sflax.ODPNet(operator=A16, odp_block=ODPGrDescBlock, **small)
-    forward("odp_gd", odp, perturb(odp.init({"params": jax.random.PRNGKey(3)}, ys), 3), ys)
+    forward(
+        "odp_gd", odp, perturb(odp.init({"params": jax.random.PRNGKey(3)}, ys), 3), ys
+    )
     ident = linop.Identity(input_shape=ys.shape)
     odp = sflax.ODPNet(operator=ident, odp_block=ODPProxDnBlock, **small)
-    forward("odp_dn", odp, perturb(odp.init({"params": jax.random.PRNGKey(4)}, ys), 4), ys)
+    forward(
+        "odp_dn", odp, perturb(odp.init({"params": jax.random.PRNGKey(4)}, ys), 4), ys
+    )
     angles = np.linspace(0, np.pi, 10, endpoint=False).astype(np.float32)
     X = XRayTransform2D((16, 16), angles)
     sino = np.stack([np.asarray(X(xi[..., 0])) for xi in xs])[..., None]
     OUT["angles||"], OUT["sino16||"] = angles, sino
     modl = sflax.MoDLNet(operator=X, cg_iter=3, **small)
-    forward("modl_ct", modl, perturb(modl.init({"params": jax.random.PRNGKey(5)}, sino), 5), sino)
+    forward(
+        "modl_ct",
+        modl,
+        perturb(modl.init({"params": jax.random.PRNGKey(5)}, sino), 5),
+        sino,
+    )
     for case, m in (
         ("dncnn", sflax.DnCNNNet(depth=3, channels=1, num_filters=4)),
         ("convbn", sflax.ConvBNNet(depth=3, channels=1, num_filters=4)),
@@ -183,13 +203,17 @@ def main():
     ):
         forward(case, m, perturb(m.init({"params": jax.random.PRNGKey(6)}, ys), 6), ys)
 
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "scico_modl_odp.npz")
+    path = os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "scico_modl_odp.npz"
+    )
     np.savez_compressed(path, **OUT)
     print("wrote", path, len(OUT), "arrays", os.path.getsize(path), "bytes")
     for k in sorted(OUT):
         if "loss" in k:
             print(k, OUT[k])
-    print("modl lmbda after steps", [OUT[k] for k in sorted(OUT) if k.endswith("|lmbda")])
+    print(
+        "modl lmbda after steps", [OUT[k] for k in sorted(OUT) if k.endswith("|lmbda")]
+    )
 
 
 if __name__ == "__main__":
