@@ -42,7 +42,7 @@ DEPTH, BLOCK_DEPTH, CG_ITER = 2, 3, 5
 def _sizes(quick: bool) -> dict:
     if quick:
         return dict(size=16, batch=2, filters=4, rounds=1, calls=1)
-    return dict(size=64, batch=8, filters=16, rounds=7, calls=5)
+    return dict(size=64, batch=8, filters=16, rounds=15, calls=4)
 
 
 def _psf() -> np.ndarray:
