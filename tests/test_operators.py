@@ -139,7 +139,7 @@ def test_circular_convolve_adjoint_identity(shape, ksize, seed):
     n_angles=st.sampled_from([3, 5]),
     seed=st.integers(0, 2**16),
 )
-@settings(max_examples=6)
+@settings(max_examples=4)
 def test_xray_adjoint_identity(shape, n_angles, seed):
     k1, k2, k3 = jax.random.split(jax.random.PRNGKey(seed), 3)
     angles = jax.random.uniform(k1, (n_angles,), maxval=np.pi)
