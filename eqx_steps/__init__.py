@@ -8,6 +8,7 @@ from . import (
     distributed as distributed,
     images as images,
     models as models,
+    operators as operators,
     platform as platform,
     synthetic as synthetic,
 )

@@ -14,6 +14,7 @@ from ._blocks import (
 )
 from ._convbn import ConvBNNet as ConvBNNet, ResNet as ResNet
 from ._dncnn import DnCNN as DnCNN
+from ._inverse import MoDLNet as MoDLNet, ODPBlock as ODPBlock, ODPNet as ODPNet
 from ._layers import (
     ChannelsLastBatchNorm as ChannelsLastBatchNorm,
     ChannelsLastConv2d as ChannelsLastConv2d,
@@ -27,4 +28,5 @@ from ._scico import (
     load_scico_dncnn as load_scico_dncnn,
     SCICO_DNCNN_VARIANTS as SCICO_DNCNN_VARIANTS,
 )
+from ._scico_vars import from_scico_variables as from_scico_variables
 from ._unet import UNet as UNet
