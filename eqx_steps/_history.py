@@ -56,8 +56,11 @@ def format_record(record: Mapping[str, Any]) -> str:
 class History:
     """The records of a training run, one per log point.
 
-    Each record holds `epoch`, `step`, `time` (seconds from the start of
-    `train()` to the log point, before evaluating), `train_learning_rate`, and
+    Each record holds `epoch`, `step`, `time` (the elapsed training time in
+    seconds: from the start of `train()` to the log point, before evaluating;
+    a run resumed with `log=True` starts with the records of `metrics.jsonl` up
+    to its checkpoint, and its `time` continues from the last of them),
+    `train_learning_rate`, and
     `train_<m>` and `eval_<m>` for every metric `m` the metrics function returns
     (`loss` and `snr` for [`eqx_steps.compute_metrics`][], `loss` and `accuracy`
     for a classifier): the train metrics averaged over the steps since the last

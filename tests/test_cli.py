@@ -119,8 +119,14 @@ def test_resume_continues_from_the_checkpoint(run, tmp_path, capsys):
     assert "resuming at step 8" in text and "16/16" in text
     assert "16" in os.listdir(out)
     assert json.loads((out / "config.json").read_text())["epochs"] == 2
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
+    steps = [r["step"] for r in records]
     assert steps[-1] == 16 and steps == sorted(steps) and 8 in steps
+    # The elapsed time continues across the resume (the curves, drawn from the
+    # same History, show every step: tests/test_history.py).
+    times = [r["time"] for r in records]
+    assert times == sorted(times) and times[steps.index(8) + 1] > times[steps.index(8)]
+    assert text.count("Done: step 16") == 1
 
 
 def test_existing_run_folder_needs_resume(run, capsys):

@@ -212,19 +212,9 @@ def write_config(run_dir: str, config: Mapping[str, Any]) -> None:
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """The records of `run_dir/metrics.jsonl` (a damaged line is skipped)."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    from .._hooks import read_records
+
+    return read_records(os.path.join(run_dir, METRICS_FILE))
 
 
 def write_curves(run_dir: str, history: Any) -> None:
