@@ -170,10 +170,55 @@ class History:
         return names
 
 
+def _is_state(x: Any) -> bool:
+    return isinstance(x, eqx.nn.State)
+
+
+def _state_entries(state: eqx.nn.State) -> list[tuple[str, Any]]:
+    """`(name, value)` of each entry of an `eqx.nn.State`, named after the layer
+    that owns it.
+
+    `eqx.nn.make_with_state` keys each entry by the stringified path of its
+    `StateIndex` in the model (`"DnCNN.blocks[0].norm.batch_state_index"`); the
+    name is that path without the model's class (`.blocks[0].norm...`), and an
+    `eqx.nn.BatchNorm`'s `(mean, var)` pair is named `.mean` and `.var`, as Flax
+    names its batch statistics. A key that is not such a path (a `State` built
+    another way) gives `[<i>]`, the entry's position.
+    """
+    values, keys = state.tree_flatten()
+    entries = []
+    for i, (key, value) in enumerate(zip(keys, values)):
+        name = re.sub(r"^[^.\[]*", "", key) if isinstance(key, str) else ""
+        name = name if name[:1] in (".", "[") else f"[{i}]"
+        if name.endswith(".batch_state_index") and isinstance(value, tuple):
+            base = name[: -len(".batch_state_index")]
+            if len(value) == 2:
+                entries += [(base + ".mean", value[0]), (base + ".var", value[1])]
+                continue
+        entries.append((name, value))
+    return entries
+
+
+def _named_arrays(tree: PyTree, prefix: str = "") -> list[tuple[str, Any]]:
+    """`(name, array)` for each array leaf of `tree`, `eqx.nn.State`s included."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_state)[0]:
+        name = prefix + jax.tree_util.keystr(path)
+        if _is_state(leaf):
+            for entry, value in _state_entries(leaf):
+                out += _named_arrays(value, name + entry)
+        elif eqx.is_array(leaf):
+            out.append((name, leaf))
+    return out
+
+
 def parameter_overview(tree: PyTree) -> str:
     """A table of the array leaves of a PyTree: name, shape, size, mean and std.
 
-    As SCICO's `get_parameter_overview`, for Equinox models and their state.
+    As SCICO's `get_parameter_overview`, for Equinox models and their state:
+    a model's leaves are named by their path (`blocks[0].norm.weight`), an
+    `eqx.nn.State`'s after the layer that owns them (`blocks[0].norm.mean`,
+    `blocks[0].norm.var`, `blocks[0].norm.batch_counter`).
 
     **Arguments:**
 
@@ -181,19 +226,18 @@ def parameter_overview(tree: PyTree) -> str:
 
     **Returns:**
 
-    The table as text, with the total number of entries on the last line.
+    The table as text, with the total number of entries on the last line
+    (`Total weights: 37,696`, as SCICO's).
     """
     rows = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-        eqx.filter(tree, eqx.is_array)
-    )[0]:
+    leaves = _named_arrays(tree)
+    for name, leaf in leaves:
         arr = np.asarray(leaf)
-        name = jax.tree_util.keystr(path).lstrip(".")
         if arr.dtype.kind == "f" and arr.size:
             stats = (f"{arr.mean():.3g}", f"{arr.std():.3g}")
         else:
             stats = ("", "")
-        rows.append((name, str(arr.shape), f"{arr.size:,}", *stats))
+        rows.append((name.lstrip("."), str(arr.shape), f"{arr.size:,}", *stats))
     header = ("Name", "Shape", "Size", "Mean", "Std")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -201,8 +245,6 @@ def parameter_overview(tree: PyTree) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
     sep = "+-" + "-+-".join("-" * w for w in widths) + "-+"
-    total = sum(
-        np.size(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
-    )
-    out = [sep, line(header), sep, *map(line, rows), sep, f"Total: {total:,}"]
+    total = sum(np.size(x) for _, x in leaves)
+    out = [sep, line(header), sep, *map(line, rows), sep, f"Total weights: {total:,}"]
     return "\n".join(out)

@@ -101,7 +101,8 @@ def test_evaluate_and_info_read_the_run_back(run, capsys):
     assert cli.main(["info", str(out)]) == 0
     info = capsys.readouterr().out
     assert '"dncnn"' in info and "Parameters at checkpoint step 8" in info
-    assert "conv_start.weight" in info and "Total:" in info
+    assert "conv_start.weight" in info and "Total weights:" in info
+    assert "blocks[0].norm.mean" in info and "flat index" not in info
     assert "Last metrics record" in info and "eval_snr" in info
     records = [json.loads(line) for line in (out / "metrics.jsonl").open()]
     assert f"Test SNR {records[-1]['eval_snr']:.2f} dB at step 8" in info

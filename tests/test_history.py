@@ -40,3 +40,25 @@ def test_a_resumed_run_keeps_its_history_and_elapsed_time(tmp_path, capsys):
     # SCICO's statistics object and the curves see every step.
     assert list(history.history(transpose=True).Step) == [3, 6, 9, 12]
     assert history.plot(tmp_path / "curves.png") == ["loss", "snr"]
+
+
+def test_the_overview_names_batch_norm_statistics_after_their_layer():
+    model, state = eqx.nn.make_with_state(ConvBNNet)(
+        depth=3, channels=1, num_filters=4, key=jax.random.key(0)
+    )
+    params = es.parameter_overview(model)
+    stats = es.parameter_overview(state)
+    names = [line.split("|")[1].strip() for line in stats.splitlines()[3:-2]]
+    norms = sorted({n.rsplit(".", 1)[0] for n in names})
+    assert norms and "flat index" not in stats
+    for norm in norms:  # each owned by a layer of the parameter table
+        assert f"{norm}.weight" in params
+        assert [f"{norm}.{s}" for s in ("batch_counter", "mean", "var")] == [
+            n for n in names if n.startswith(norm + ".")
+        ]
+    # SCICO's total row, counting every entry.
+    total = sum(x.size for x in jax.tree_util.tree_leaves(state))
+    assert stats.splitlines()[-1] == f"Total weights: {total:,}"
+    # A State inside a larger tree keeps its entries' names under its own path.
+    both = es.parameter_overview({"model_state": state})
+    assert f"['model_state'].{norms[0]}.mean" in both

@@ -193,7 +193,9 @@ def test_log_prints_overview_and_writes_metrics(data, tmp_path, capsys):
     ).train()
     out = capsys.readouterr().out
     assert (
-        "Network Structure" in out and "Total:" in out and "Batch Normalization" in out
+        "Network Structure" in out
+        and "Total weights:" in out
+        and "Batch Normalization" in out
     )
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in lines] == history.records
