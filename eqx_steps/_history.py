@@ -31,6 +31,9 @@ _TITLES = {
     "snr": "signal-to-noise ratio (dB)",
     "psnr": "peak signal-to-noise ratio (dB)",
 }
+_YLABELS = {"snr": "SNR (dB)", "psnr": "PSNR (dB)"}
+# The curves' legend: the eval metrics are the test set's (SCICO's evaluation).
+_SPLIT_LABELS = {"train": "train", "eval": "eval (test set)"}
 
 
 def _scico_name(key: str) -> str:
@@ -122,8 +125,9 @@ class History:
 
         One panel per metric that has a finite value (see
         [`eqx_steps.History.metrics`][]): loss and SNR for a denoiser, loss and
-        accuracy for a classifier. A history without records gets a figure that
-        says so.
+        accuracy for a classifier, each with its train and its eval (test set)
+        curve, its name on the y axis. A history without records gets a figure
+        that says so.
 
         **Arguments:**
 
@@ -155,8 +159,11 @@ class History:
             for split, style in (("train", "o-"), ("eval", "s--")):
                 values = cols.get(f"{split}_{name}")
                 if values is not None and finite[f"{split}_{name}"]:
-                    ax.plot(steps, values, style, label=split, markersize=3)
+                    ax.plot(
+                        steps, values, style, label=_SPLIT_LABELS[split], markersize=3
+                    )
             ax.set_xlabel("step")
+            ax.set_ylabel(_YLABELS.get(name, name))
             ax.set_title(_TITLES.get(name, name))
             ax.grid(alpha=0.3)
             ax.legend()

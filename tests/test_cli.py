@@ -2,6 +2,7 @@
 CPU devices, and once as `python -m eqx_steps --devices 2` in a subprocess."""
 
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -90,6 +91,25 @@ def test_train_writes_the_run_folder(run):
     assert "1 epoch x 8 steps of batch 8" in text  # not "1 epochs"
 
 
+def test_the_readme_shows_what_the_command_prints(run):
+    """README.md's sample output (docs/make_pictures.py writes it from a real
+    run) has the lines the command prints now, up to the numbers, the run folder
+    and the progress bar."""
+    out, text = run
+    root = pathlib.Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location(
+        "make_pictures", root / "docs" / "make_pictures.py"
+    )
+    pictures = importlib.util.module_from_spec(spec)  # pyright: ignore
+    spec.loader.exec_module(pictures)  # pyright: ignore
+    readme = (root / "README.md").read_text()
+    block = readme.split(pictures.BEGIN)[1].split(pictures.END)[0]
+    shown = block.strip().removeprefix("```").removesuffix("```")
+    assert pictures.normalized(shown, pictures.SHOWN_RUN) == pictures.normalized(
+        pictures.shorten(text), str(out)
+    ), "README.md's sample output is stale: run python docs/make_pictures.py train"
+
+
 def test_evaluate_and_info_read_the_run_back(run, capsys):
     out, text = run
     assert cli.main(["evaluate", str(out)]) == 0
@@ -108,6 +128,7 @@ def test_evaluate_and_info_read_the_run_back(run, capsys):
     assert f"Test SNR {records[-1]['eval_snr']:.2f} dB at step 8" in info
 
 
+@pytest.mark.slow
 def test_resume_continues_from_the_checkpoint(run, tmp_path, capsys):
     out = tmp_path / "resumed"
     shutil.copytree(run[0], out)
@@ -216,6 +237,7 @@ def test_configure_xla_flags(monkeypatch):
         platform.configure_xla_flags(0)
 
 
+@pytest.mark.slow
 def test_python_m_with_two_devices(tmp_path):
     """End to end in a fresh process: --devices 2 replaces the 4 of XLA_FLAGS."""
     out = tmp_path / "run"
@@ -261,6 +283,7 @@ def _train(argv: list[str]) -> str:
     return buf.getvalue()
 
 
+@pytest.mark.slow
 def test_train_on_one_colour_image(tmp_path, capsys):
     source, out = _photo(tmp_path), tmp_path / "run"
     text = _train(["--data", str(source), "--out", str(out)])
@@ -279,6 +302,7 @@ def test_train_on_one_colour_image(tmp_path, capsys):
     assert _table(capsys.readouterr().out) == rows
 
 
+@pytest.mark.slow
 def test_train_on_a_folder_of_grayscale_images(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()

@@ -172,7 +172,7 @@ def summary(
         f"  {'':<28}{'noisy input':>12}{'denoised':>11}{'improvement':>13}",
         row("test SNR (dB)", noisy["snr"], denoised["snr"], ".2f"),
         row("test PSNR (dB, peak 1)", noisy["psnr"], denoised["psnr"], ".2f"),
-        row("test MSE", noisy["loss"], denoised["loss"], ".4g", gain=False),
+        row("test MSE", noisy["loss"], denoised["loss"], ".5f", gain=False),
         row(
             "mean of per-patch SNRs (dB)",
             float(np.mean(snr_in)),
