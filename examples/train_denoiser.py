@@ -111,8 +111,12 @@ def save_picture(
     size = min(size, height, width)
     top, left = min(top, height - size), min(left, width - size)
     window = (slice(top, top + size), slice(left, left + size))
-    names = {"noisy": f"noisy (std {sigma:g})", "trained here": "trained here"}
-    fig = Figure(figsize=(2.4 * len(images), 2.75), dpi=100)
+    names = {
+        "noisy": f"noisy (std {sigma:g})",
+        "trained here": "DnCNN trained here",
+        "SCICO 6M": "SCICO's DnCNN 6M",
+    }
+    fig = Figure(figsize=(2.4 * len(images), 2.9), dpi=100, layout="constrained")
     for ax, (name, image) in zip(fig.subplots(1, len(images)), images.items()):
         tile = np.clip(image[window], 0, 1)
         ax.imshow(tile[..., 0] if tile.shape[-1] == 1 else tile, cmap="gray")
@@ -121,7 +125,6 @@ def save_picture(
             title += f"\nSNR {figures[name][0]:.2f} dB"
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()
-    fig.tight_layout()
     fig.savefig(path, format="png")
 
 
