@@ -222,6 +222,7 @@ def test_denoiser_tutorial_script_runs(tmp_path):
     assert shape[1] > 3 * shape[0] and shape[2] == 3  # four panels side by side
 
 
+@pytest.mark.slow
 def test_own_loop_tutorial_runs():
     result = _load_example("own_loop").main(steps=4, batch_size=8, n_train=64)
     after, reloaded = result["after"], result["reloaded"]

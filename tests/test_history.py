@@ -2,6 +2,7 @@
 
 import equinox as eqx
 import jax
+import pytest
 
 import eqx_steps as es
 from eqx_steps.models import ConvBNNet
@@ -25,6 +26,7 @@ def _trainer(workdir, epochs):
     return es.BasicTrainer(config, model, train_ds, test_ds, model_state=model_state)
 
 
+@pytest.mark.slow
 def test_a_resumed_run_keeps_its_history_and_elapsed_time(tmp_path, capsys):
     _, first = _trainer(tmp_path, 1).train()
     assert [r["step"] for r in first.records] == [3, 6]

@@ -159,6 +159,7 @@ def batch(name, size, n=4, seed=0):
     return x, x + 0.1 * jax.random.normal(kt, x.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 def test_gradient_steps(name):
     model, state = small(name)
@@ -189,6 +190,7 @@ def test_gradient_steps(name):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 def test_inference_mode(name):
     # Statistics from a training step at one size, forward at another size.
@@ -241,6 +243,7 @@ def test_residual_connections():
     np.testing.assert_allclose(y, x, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cross_device_batch_statistics():
     # bn_axis_name=("device", "batch") under pmap(vmap) gives the statistics of
     # the whole global batch, i.e. what a single vmap over all examples gives.
@@ -412,6 +415,7 @@ def test_batch_norm_matches_equinox(mode, fast_variance, affine):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast_variance", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("devices", [1, 2])
