@@ -214,6 +214,7 @@ def test_inference_mode(name):
     np.testing.assert_allclose(y3[0], y1[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_convbnnet_output_is_batch_normalised():
     # ConvBNNet ends with a batch norm (scale 1, bias 0 at init): in training mode
     # each output channel has zero mean and unit variance over batch and space.
@@ -225,6 +226,7 @@ def test_convbnnet_output_is_batch_normalised():
     np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_residual_connections():
     x, _ = batch("dncnn", SIZES[1])
     # DnCNN: y = x - net(x); a zero last convolution gives the identity.
@@ -281,6 +283,7 @@ def _check_truncated_normal(w, variance, rtol=0.1):
     assert float(jnp.max(jnp.abs(w))) <= 2 * std / 0.87962566 + 1e-6
 
 
+@pytest.mark.slow
 def test_initialisers():
     # Variances that tell the three apart: LeCun 1 / fan_in, He (kaiming) 2 / fan_in,
     # Glorot (xavier) 2 / (fan_in + fan_out).

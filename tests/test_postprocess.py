@@ -198,6 +198,7 @@ class _StockNet(eqx.Module):
         self.alpha = jnp.ones(2)
 
 
+@pytest.mark.slow
 def test_scico_names_on_stock_equinox_layers():
     model, _ = eqx.nn.make_with_state(_StockNet)(jax.random.key(0))
     kernels = _fields(model, _KERNELS, "weight")

@@ -475,6 +475,7 @@ def test_scico_attributes_and_return_state(tmp_path):
     assert len(history.records) == 1
 
 
+@pytest.mark.slow
 def test_model_keywords_key_trainable_forward(tmp_path):
     class Dropped(eqx.Module):
         linear: eqx.nn.Linear
