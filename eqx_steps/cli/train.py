@@ -30,8 +30,9 @@ def add_parser(commands: Any, formatter: Any) -> None:
         description="Train a denoiser (noisy -> clean) on synthetic patches, or on "
         "your own images with --data, on all local devices, with a progress bar. "
         "The run folder gets config.json, metrics.jsonl, orbax checkpoints, "
-        "curves.png and samples.png; the test SNR/PSNR of the input and of the "
-        "output are printed at the end.",
+        "curves.png and samples.png; the test SNR (SCICO's eval_snr, as in the "
+        "log and the curves), PSNR and MSE of the noisy input and of the output "
+        "are printed at the end.",
         formatter_class=formatter,
     )
     for s in SETTINGS:
@@ -219,7 +220,8 @@ def _finish(
     if is_main_process():
         folder.write_curves(workdir, history)
         title = (
-            f"{settings['model']} after {step} steps, noise std {settings['noise']:g}"
+            f"{settings['model']} after {step} steps, noise std "
+            f"{settings['noise']:g} (the SNR of each patch)"
         )
         folder.write_samples(workdir, data.test, output, snrs, title)
     return text
