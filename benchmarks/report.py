@@ -357,47 +357,7 @@ def scaling_plot(records: list[dict], path: str) -> list[str]:
     rows = scaling_rows(records)
     if not rows:
         return []
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
-    # (x key, which rows, the key that tells the curves apart, x label)
-    panels = [
-        ("batch", lambda r: r["axis"] == "batch", "devices", "global batch (64x64)"),
-        ("hw", lambda r: r["batch"] == 16, "devices", "image side (batch 16)"),
-        ("devices", lambda r: r["hw"] == 64, "batch", "devices (64x64)"),
-    ]
-    markers = "osD^v"
-    for ax, (key, keep, series, label) in zip(axes, panels):
-        curves: dict[tuple, dict] = {}
-        for r in rows:
-            if keep(r):
-                for role in ("library", "baseline"):
-                    curve = curves.setdefault((r["backend"], role, r[series]), {})
-                    curve[r[key]] = r[role]
-        values = sorted({c[2] for c in curves})
-        for (backend, role, value), points in sorted(curves.items()):
-            if len(points) < 2:
-                continue
-            xs = sorted(points)
-            ax.plot(
-                xs,
-                [points[x] * 1e3 for x in xs],
-                "-" if role == "library" else "--",
-                marker=markers[values.index(value) % len(markers)],
-                color="C0" if backend == "pmap" else "C1",
-                alpha=1.0 if role == "library" else 0.6,
-                label=f"{backend} {role}, {series} {value}",
-            )
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("ms per step")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    draw_scaling(rows, path)
     lines = [
         "| devices | backend | batch | image | library | baseline | ratio |",
         "|---:|---|---:|---:|---:|---:|---:|",
@@ -411,6 +371,118 @@ def scaling_plot(records: list[dict], path: str) -> list[str]:
             f"| {r['library'] / r['baseline']:.3f} |"
         )
     return lines
+
+
+_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def scaling_rows_from_markdown(text: str) -> list[dict]:
+    """The scaling measurements of the table `scaling_plot` returns, read back
+    from a page that holds it (`docs/performance.md`): the same rows as
+    `scaling_rows`, at the table's precision."""
+    head = "| devices | backend | batch | image | library | baseline | ratio |"
+    lines = text[text.index(head) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("|") or len(cells) != 7:
+            break
+        devices, backend, batch, hw, library, baseline, _ = cells
+
+        def seconds(cell: str) -> float:
+            value, unit = cell.split()
+            return float(value) * _UNITS[unit]
+
+        rows.append(
+            {
+                "devices": int(devices),
+                "backend": backend,
+                "batch": int(batch),
+                "hw": int(hw),
+                # test_scaling.py's batch sweep is at 64x64, the size sweep at 16.
+                "axis": "batch" if int(hw) == 64 else "hw",
+                "library": seconds(library),
+                "baseline": seconds(baseline),
+            }
+        )
+    return rows
+
+
+def draw_scaling(rows: list[dict], path: str) -> None:
+    """Draw the three panels of step time against batch, image side and devices.
+
+    Colour is the backend and the line style the role (library solid, baseline
+    dashed), told once in a legend above the panels; each panel's own small
+    legend gives its markers (the device counts, or the batch sizes).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.0))
+    # (x key, which rows, the key that tells the curves apart, x label)
+    panels = [
+        ("batch", lambda r: r["axis"] == "batch", "devices", "global batch (64x64)"),
+        ("hw", lambda r: r["batch"] == 16, "devices", "image side (batch 16)"),
+        ("devices", lambda r: r["hw"] == 64, "batch", "devices (64x64)"),
+    ]
+    markers = "osD^v"
+    colors = {"pmap": "C0", "sharded": "C1"}
+    for ax, (key, keep, series, label) in zip(axes, panels):
+        curves: dict[tuple, dict] = {}
+        for r in rows:
+            if keep(r):
+                for role in ("library", "baseline"):
+                    curve = curves.setdefault((r["backend"], role, r[series]), {})
+                    curve[r[key]] = r[role]
+        values = sorted({c[2] for c in curves if len(curves[c]) >= 2})
+        for (backend, role, value), points in sorted(curves.items()):
+            if len(points) < 2:
+                continue
+            xs = sorted(points)
+            ax.plot(
+                xs,
+                [points[x] * 1e3 for x in xs],
+                "-" if role == "library" else "--",
+                marker=markers[values.index(value) % len(markers)],
+                color=colors.get(backend, "C2"),
+                alpha=1.0 if role == "library" else 0.6,
+            )
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("ms per step")
+        ax.grid(alpha=0.3, which="both")
+        handles = [
+            Line2D([], [], color="0.3", linestyle="", marker=markers[i % len(markers)])
+            for i in range(len(values))
+        ]
+        ax.legend(
+            handles,
+            [str(v) for v in values],
+            fontsize=8,
+            title=series,
+            title_fontsize=8,
+            loc="upper left" if key != "devices" else "lower right",
+        )
+    fig.legend(
+        [
+            Line2D([], [], color=colors["pmap"], linewidth=3),
+            Line2D([], [], color=colors["sharded"], linewidth=3),
+            Line2D([], [], color="0.3", linestyle="-"),
+            Line2D([], [], color="0.3", linestyle="--", alpha=0.6),
+        ],
+        ["backend pmap", "backend sharded", "library", "hand-written baseline"],
+        loc="upper center",
+        ncol=4,
+        fontsize=9,
+        frameon=False,
+    )
+    fig.tight_layout(rect=(0, 0, 1, 0.94))
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------

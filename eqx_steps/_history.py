@@ -31,6 +31,9 @@ _TITLES = {
     "snr": "signal-to-noise ratio (dB)",
     "psnr": "peak signal-to-noise ratio (dB)",
 }
+_YLABELS = {"snr": "SNR (dB)", "psnr": "PSNR (dB)"}
+# The curves' legend: the eval metrics are the test set's (SCICO's evaluation).
+_SPLIT_LABELS = {"train": "train", "eval": "eval (test set)"}
 
 
 def _scico_name(key: str) -> str:
@@ -56,8 +59,11 @@ def format_record(record: Mapping[str, Any]) -> str:
 class History:
     """The records of a training run, one per log point.
 
-    Each record holds `epoch`, `step`, `time` (seconds from the start of
-    `train()` to the log point, before evaluating), `train_learning_rate`, and
+    Each record holds `epoch`, `step`, `time` (the elapsed training time in
+    seconds: from the start of `train()` to the log point, before evaluating;
+    a run resumed with `log=True` starts with the records of `metrics.jsonl` up
+    to its checkpoint, and its `time` continues from the last of them),
+    `train_learning_rate`, and
     `train_<m>` and `eval_<m>` for every metric `m` the metrics function returns
     (`loss` and `snr` for [`eqx_steps.compute_metrics`][], `loss` and `accuracy`
     for a classifier): the train metrics averaged over the steps since the last
@@ -119,8 +125,9 @@ class History:
 
         One panel per metric that has a finite value (see
         [`eqx_steps.History.metrics`][]): loss and SNR for a denoiser, loss and
-        accuracy for a classifier. A history without records gets a figure that
-        says so.
+        accuracy for a classifier, each with its train and its eval (test set)
+        curve, its name on the y axis. A history without records gets a figure
+        that says so.
 
         **Arguments:**
 
@@ -152,8 +159,11 @@ class History:
             for split, style in (("train", "o-"), ("eval", "s--")):
                 values = cols.get(f"{split}_{name}")
                 if values is not None and finite[f"{split}_{name}"]:
-                    ax.plot(steps, values, style, label=split, markersize=3)
+                    ax.plot(
+                        steps, values, style, label=_SPLIT_LABELS[split], markersize=3
+                    )
             ax.set_xlabel("step")
+            ax.set_ylabel(_YLABELS.get(name, name))
             ax.set_title(_TITLES.get(name, name))
             ax.grid(alpha=0.3)
             ax.legend()
@@ -167,10 +177,55 @@ class History:
         return names
 
 
+def _is_state(x: Any) -> bool:
+    return isinstance(x, eqx.nn.State)
+
+
+def _state_entries(state: eqx.nn.State) -> list[tuple[str, Any]]:
+    """`(name, value)` of each entry of an `eqx.nn.State`, named after the layer
+    that owns it.
+
+    `eqx.nn.make_with_state` keys each entry by the stringified path of its
+    `StateIndex` in the model (`"DnCNN.blocks[0].norm.batch_state_index"`); the
+    name is that path without the model's class (`.blocks[0].norm...`), and an
+    `eqx.nn.BatchNorm`'s `(mean, var)` pair is named `.mean` and `.var`, as Flax
+    names its batch statistics. A key that is not such a path (a `State` built
+    another way) gives `[<i>]`, the entry's position.
+    """
+    values, keys = state.tree_flatten()
+    entries = []
+    for i, (key, value) in enumerate(zip(keys, values)):
+        name = re.sub(r"^[^.\[]*", "", key) if isinstance(key, str) else ""
+        name = name if name[:1] in (".", "[") else f"[{i}]"
+        if name.endswith(".batch_state_index") and isinstance(value, tuple):
+            base = name[: -len(".batch_state_index")]
+            if len(value) == 2:
+                entries += [(base + ".mean", value[0]), (base + ".var", value[1])]
+                continue
+        entries.append((name, value))
+    return entries
+
+
+def _named_arrays(tree: PyTree, prefix: str = "") -> list[tuple[str, Any]]:
+    """`(name, array)` for each array leaf of `tree`, `eqx.nn.State`s included."""
+    out = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_state)[0]:
+        name = prefix + jax.tree_util.keystr(path)
+        if _is_state(leaf):
+            for entry, value in _state_entries(leaf):
+                out += _named_arrays(value, name + entry)
+        elif eqx.is_array(leaf):
+            out.append((name, leaf))
+    return out
+
+
 def parameter_overview(tree: PyTree) -> str:
     """A table of the array leaves of a PyTree: name, shape, size, mean and std.
 
-    As SCICO's `get_parameter_overview`, for Equinox models and their state.
+    As SCICO's `get_parameter_overview`, for Equinox models and their state:
+    a model's leaves are named by their path (`blocks[0].norm.weight`), an
+    `eqx.nn.State`'s after the layer that owns them (`blocks[0].norm.mean`,
+    `blocks[0].norm.var`, `blocks[0].norm.batch_counter`).
 
     **Arguments:**
 
@@ -178,19 +233,18 @@ def parameter_overview(tree: PyTree) -> str:
 
     **Returns:**
 
-    The table as text, with the total number of entries on the last line.
+    The table as text, with the total number of entries on the last line
+    (`Total weights: 37,696`, as SCICO's).
     """
     rows = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(
-        eqx.filter(tree, eqx.is_array)
-    )[0]:
+    leaves = _named_arrays(tree)
+    for name, leaf in leaves:
         arr = np.asarray(leaf)
-        name = jax.tree_util.keystr(path).lstrip(".")
         if arr.dtype.kind == "f" and arr.size:
             stats = (f"{arr.mean():.3g}", f"{arr.std():.3g}")
         else:
             stats = ("", "")
-        rows.append((name, str(arr.shape), f"{arr.size:,}", *stats))
+        rows.append((name.lstrip("."), str(arr.shape), f"{arr.size:,}", *stats))
     header = ("Name", "Shape", "Size", "Mean", "Std")
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
@@ -198,8 +252,6 @@ def parameter_overview(tree: PyTree) -> str:
         return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"
 
     sep = "+-" + "-+-".join("-" * w for w in widths) + "-+"
-    total = sum(
-        np.size(x) for x in jax.tree_util.tree_leaves(eqx.filter(tree, eqx.is_array))
-    )
-    out = [sep, line(header), sep, *map(line, rows), sep, f"Total: {total:,}"]
+    total = sum(np.size(x) for _, x in leaves)
+    out = [sep, line(header), sep, *map(line, rows), sep, f"Total weights: {total:,}"]
     return "\n".join(out)

@@ -64,7 +64,10 @@ class Recorder:
     """The History's hooks: `collect` after every call, `record` at log points.
 
     A record holds the train metrics averaged over the steps since the previous
-    record and the evaluation of the state on the test set.
+    record and the evaluation of the state on the test set. Its `time` is the
+    elapsed training time: the seconds since this `train()` began, plus the
+    `time` of the history's last record from before it (a resumed run, whose
+    records [`metrics_file`][] loaded, or an earlier `train()` of the trainer).
     """
 
     def __init__(self, history: History, evaluate: Callable[[TrainState], Mapping]):
@@ -72,6 +75,7 @@ class Recorder:
         self.evaluate = evaluate
         self.pending: list[Mapping[str, Any]] = []
         self.t0 = time.time()
+        self.earlier: float | None = None  # read at the first record
 
     def collect(self, info: StepInfo) -> None:
         self.pending.append(info.metrics)
@@ -79,10 +83,13 @@ class Recorder:
     def record(self, info: StepInfo) -> None:
         train = _means(self.pending)  # waits for the steps
         self.pending = []
+        if self.earlier is None:
+            last = self.history.records[-1] if self.history.records else {}
+            self.earlier = float(last.get("time", 0.0))
         record: dict[str, float] = {
             "epoch": info.epoch,
             "step": info.step,
-            "time": time.time() - self.t0,
+            "time": self.earlier + time.time() - self.t0,
         }
         record.update({f"train_{k}": v for k, v in train.items()})
         evaluation = self.evaluate(info.state)
@@ -145,14 +152,39 @@ def metrics_file(path: str, start_step: int, history: History) -> Callable:
 
     A record already in the file for a step after `start_step` (the run resumes
     from an earlier checkpoint) and a line cut short by a crash are removed first,
-    once; after that the file is only ever appended to.
+    once; after that the file is only ever appended to. When `history` is empty
+    (a new trainer resuming a run), the records kept in the file are loaded into
+    it first, so that the history (its curves, its `time`) continues across the
+    resume.
     """
     _truncate_after(path, start_step)
+    if start_step and not history.records:
+        for record in read_records(path):
+            history.append(record)
 
     def append(info: StepInfo) -> None:
         _append_line(path, json.dumps(history.records[-1]))
 
     return append
+
+
+def read_records(path: str) -> list[dict[str, Any]]:
+    """The records of a `metrics.jsonl` file (none when it does not exist; a
+    damaged line is skipped)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _append_line(path: str, text: str) -> None:

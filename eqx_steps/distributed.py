@@ -2,7 +2,8 @@
 
 Call [`eqx_steps.distributed.initialize`][] first thing in every process, before
 anything touches JAX devices; then build the state, iterators and steps as usual
-with `backend="sharded"`. See `docs/distributed.md`.
+with `backend="sharded"`. See [Several processes and several
+hosts][several-processes-and-several-hosts].
 """
 
 from __future__ import annotations

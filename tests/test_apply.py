@@ -67,6 +67,7 @@ def test_a_scico_script_gets_the_trained_models_outputs(trained, capsys):
     assert not np.allclose(output, untrained, atol=1e-3)
 
 
+@pytest.mark.slow
 def test_given_weights_are_used_when_asked_or_without_checkpointing(trained, capsys):
     config, state, test_ds = trained
     model, model_state = template(seed=1)

@@ -80,6 +80,7 @@ def test_float64_images_with_x64_on_are_refused():
             es.train_step(mlp_state(), batch, lr_fn, mse, loss_metrics, axis_name=None)
 
 
+@pytest.mark.slow
 def test_a_custom_forward_gets_the_images_as_they_are():
     def forward(model, model_state, x, *, key=None, inference=False):
         return es.per_example(model, model_state, x.astype(jnp.float32))
@@ -137,6 +138,7 @@ def test_a_model_state_of_another_model_is_detected():
         es.TrainState.create(mlp(), ADAM, model_state=state3)
 
 
+@pytest.mark.slow
 def test_a_model_state_of_other_sizes_is_detected():
     model, _ = dncnn(3, num_filters=4)
     _, wider = dncnn(3, num_filters=6)  # the same layers, other widths
@@ -193,6 +195,7 @@ def test_a_replicated_state_is_refused_by_the_parallel_steps():
         STEP(replicated, sharded(BATCH))
 
 
+@pytest.mark.slow
 def test_a_donated_state_passed_again_is_named():
     step = es.parallel_train_step(lr_fn, mse, loss_metrics, donate=True)
     first = es.TrainState.create(mlp(seed=3), ADAM)

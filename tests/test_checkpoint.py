@@ -400,6 +400,7 @@ for step in range(1, 10_000):
 """
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_save_keeps_the_last_complete_checkpoint(tmp_path):
     workdir = tmp_path / "run"
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")

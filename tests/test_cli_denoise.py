@@ -216,6 +216,7 @@ def test_bad_inputs_exit_2_with_one_line(case, words, gray, run_dir, tmp_path, c
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_colour_run_takes_the_channels_together(colour, gray, tmp_path, capsys):
     run = tmp_path / "colour-run"
     argv = ["train", *TINY_RUN, "--data", str(colour), "--out", str(run)]

@@ -37,6 +37,7 @@ def smooth_image(h=64, w=64):
     shape=st.sampled_from([(40, 50), (17, 33), (40, 9)]),
     tile=st.sampled_from([8, 16, 20]),
 )
+@pytest.mark.slow
 def test_tiled_equals_untiled(shape, tile):
     image = IMAGE[: shape[0], : shape[1], 0]
     whole = denoise_image(MODEL, STATE, image, tile=None)

@@ -71,6 +71,7 @@ def two_process_run(tmp_path_factory):
     return outdir, outputs
 
 
+@pytest.mark.slow
 def test_processes_hold_identical_states_equal_to_one_process(
     two_process_run, tmp_path
 ):
@@ -86,6 +87,7 @@ def test_processes_hold_identical_states_equal_to_one_process(
     assert max_rel_diff(single, [a[k] for k in a.files]) < 1e-6
 
 
+@pytest.mark.slow
 def test_multi_process_checkpoint_restores_in_one_process(two_process_run):
     outdir, _ = two_process_run
     state, _ = train(outdir / "unused")  # a template of the same structure
@@ -97,6 +99,7 @@ def test_multi_process_checkpoint_restores_in_one_process(two_process_run):
         np.testing.assert_array_equal(leaf, a[k])
 
 
+@pytest.mark.slow
 def test_a_missing_peer_ends_the_process_within_the_timeout(tmp_path):
     coordinator = f"127.0.0.1:{free_port()}"
     start = time.monotonic()

@@ -5,6 +5,7 @@ import importlib.util
 import pathlib
 
 import numpy as np
+import pytest
 
 
 EXAMPLES = pathlib.Path(__file__).parent.parent / "examples"
@@ -18,6 +19,7 @@ def load_example(name):
     return module
 
 
+@pytest.mark.slow
 def test_digits_example_matches_the_plain_equinox_loop():
     result = load_example("classify_digits").main(epochs=2, verbose=False)
     n = result["test_images"]
@@ -42,6 +44,7 @@ def test_digits_data_is_what_its_readme_says():
     assert images.max() == 16 and set(np.unique(labels)) == set(range(10))
 
 
+@pytest.mark.slow
 def test_tiny_example_runs(capsys):
     load_example("train_tiny").main(steps=3)
     lines = capsys.readouterr().out.splitlines()

@@ -222,6 +222,7 @@ TINY = ["--depth", "3", "--filters", "4", "--patch", "16", "--test-size", "8"]
     lr=st.sampled_from(["1e-2", "-1", "nan", "lr"]),
     model=st.sampled_from(["dncnn", "unet", "resnet50"]),
 )
+@pytest.mark.slow
 def test_command_options(tmp_path_factory, epochs, batch_size, train_size, lr, model):
     out = tmp_path_factory.mktemp("cli") / "run"
     argv = ["train", *TINY, "--epochs", epochs, "--batch-size", batch_size]

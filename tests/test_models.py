@@ -159,6 +159,7 @@ def batch(name, size, n=4, seed=0):
     return x, x + 0.1 * jax.random.normal(kt, x.shape)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 def test_gradient_steps(name):
     model, state = small(name)
@@ -189,6 +190,7 @@ def test_gradient_steps(name):
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SMALL))
 def test_inference_mode(name):
     # Statistics from a training step at one size, forward at another size.
@@ -212,6 +214,7 @@ def test_inference_mode(name):
     np.testing.assert_allclose(y3[0], y1[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_convbnnet_output_is_batch_normalised():
     # ConvBNNet ends with a batch norm (scale 1, bias 0 at init): in training mode
     # each output channel has zero mean and unit variance over batch and space.
@@ -223,6 +226,7 @@ def test_convbnnet_output_is_batch_normalised():
     np.testing.assert_allclose(y.var(axis=(0, 1, 2)), 1.0, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_residual_connections():
     x, _ = batch("dncnn", SIZES[1])
     # DnCNN: y = x - net(x); a zero last convolution gives the identity.
@@ -241,6 +245,7 @@ def test_residual_connections():
     np.testing.assert_allclose(y, x, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cross_device_batch_statistics():
     # bn_axis_name=("device", "batch") under pmap(vmap) gives the statistics of
     # the whole global batch, i.e. what a single vmap over all examples gives.
@@ -278,6 +283,7 @@ def _check_truncated_normal(w, variance, rtol=0.1):
     assert float(jnp.max(jnp.abs(w))) <= 2 * std / 0.87962566 + 1e-6
 
 
+@pytest.mark.slow
 def test_initialisers():
     # Variances that tell the three apart: LeCun 1 / fan_in, He (kaiming) 2 / fan_in,
     # Glorot (xavier) 2 / (fan_in + fan_out).
@@ -412,6 +418,7 @@ def test_batch_norm_matches_equinox(mode, fast_variance, affine):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fast_variance", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 @pytest.mark.parametrize("devices", [1, 2])

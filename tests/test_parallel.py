@@ -60,6 +60,7 @@ def run_parallel(fn, state, batches):
     return state, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(seed=st.integers(0, 3))
 def test_four_devices_equal_one_device_on_the_global_batch(backend, seed):
@@ -366,6 +367,7 @@ def on_devices(backend, n_devices):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
 @given(n_devices=st.sampled_from([1, 2, 4]), seed=st.integers(0, 3))
 def test_any_subset_of_devices_equals_one_device(backend, n_devices, seed):

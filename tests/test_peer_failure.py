@@ -6,6 +6,7 @@ import random
 import signal
 import time
 
+import pytest
 from preempt_common import make_trainer
 from test_preemption import launch_pair, tmp_folders
 
@@ -15,6 +16,7 @@ import eqx_steps as es
 HEARTBEAT_S = 5  # tests/preempt_worker.py's heartbeat_timeout_s
 
 
+@pytest.mark.slow
 def test_a_killed_peer_ends_the_survivor_and_the_last_checkpoint_restores(tmp_path):
     kill_at = random.Random(1).randint(13, 22)  # after the checkpoint of step 12
     p0, p1 = launch_pair(tmp_path)

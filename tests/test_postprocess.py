@@ -202,6 +202,7 @@ class _StockNet(eqx.Module):
         self.alpha = jnp.ones(2)
 
 
+@pytest.mark.slow
 def test_scico_names_on_stock_equinox_layers():
     model, _ = eqx.nn.make_with_state(_StockNet)(jax.random.key(0))
     kernels = _fields(model, _KERNELS, "weight")
@@ -354,6 +355,7 @@ _pmap_post = eqx.filter_pmap(_post, axis_name="device")
 _jit_post = eqx.filter_jit(_post)
 
 
+@pytest.mark.slow
 def test_post_processors_under_jit_and_filter_pmap():
     n = jax.local_device_count()
     nets = [eqx.filter(_Net(s), eqx.is_inexact_array) for s in range(n)]
@@ -398,6 +400,7 @@ def _exact_norm(conv, spatial):
     )
 
 
+@pytest.mark.slow
 def test_spectral_normalization_brings_norms_to_1_over_1_02():
     net = _Net(3)
     out = spectral_normalization_conv(net, _TRAV_W, (1, 8, 8, 2), n_steps=100)

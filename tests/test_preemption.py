@@ -77,6 +77,7 @@ def reference(tmp_path_factory):
     return host_leaves(state.model)
 
 
+@pytest.mark.slow
 def test_sigterm_saves_the_step_in_flight_and_resume_is_exact(reference, tmp_path):
     worker = os.path.join(HERE, "preempt_worker.py")
     p = start([worker, str(tmp_path)])
@@ -94,6 +95,7 @@ def test_sigterm_saves_the_step_in_flight_and_resume_is_exact(reference, tmp_pat
         np.testing.assert_array_equal(a, final[k])
 
 
+@pytest.mark.slow
 def test_a_second_signal_stops_at_once_and_the_latest_checkpoint_restores(tmp_path):
     worker = os.path.join(HERE, "preempt_worker.py")
     p = start([worker, str(tmp_path)])
@@ -122,6 +124,7 @@ def test_leftover_temporary_folders_are_removed_at_the_next_start(tmp_path):
     assert not partial.exists() and int(trainer.state.step) == 0
 
 
+@pytest.mark.slow
 def test_handlers_are_restored_and_only_installed_in_the_main_thread(tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     trainer = make_trainer(tmp_path, fallback=False)
@@ -143,6 +146,7 @@ def _train_in(path):
     make_trainer(path / "thread").train()
 
 
+@pytest.mark.slow
 def test_the_command_reports_sigint_on_one_line_and_resumes_exactly(tmp_path, capsys):
     out = tmp_path / "run"
     p = start(["-m", "eqx_steps", "train", *TINY, "--out", str(out)])
@@ -187,6 +191,7 @@ def launch_pair(workdir):
     return [start([worker, str(workdir), "2", str(i), coordinator]) for i in range(2)]
 
 
+@pytest.mark.slow
 def test_two_processes_stop_at_the_same_step_and_resume(reference, tmp_path):
     p0, p1 = launch_pair(tmp_path)
     # SIGTERM to process 1 only: process 0 learns it at the next call boundary.

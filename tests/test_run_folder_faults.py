@@ -49,6 +49,7 @@ def run_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_keeps_the_last_checkpoint(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
@@ -226,6 +227,7 @@ def test_fallback_goes_with_resume(capsys):
     assert code == 2 and "--resume" in err
 
 
+@pytest.mark.slow
 def test_resume_says_which_step_and_why(run_dir, capsys, tmp_path):
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)
@@ -238,6 +240,7 @@ def test_resume_says_which_step_and_why(run_dir, capsys, tmp_path):
     assert f"--fallback restored checkpoint step {latest - 4}" in out, out
 
 
+@pytest.mark.slow
 def test_a_torn_metrics_line_is_ignored_and_cut_on_resume(run_dir, capsys, tmp_path):
     copy = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(run_dir), str(copy)], check=True)

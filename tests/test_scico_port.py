@@ -3,9 +3,11 @@ and behaves as SCICO's script does: `only_apply` restores the final checkpoint, 
 a second run in the same folder restores it instead of training again."""
 
 import numpy as np
+import pytest
 from test_examples import load_example
 
 
+@pytest.mark.slow
 def test_scico_port_trains_applies_and_reruns(tmp_path, capsys):
     port = load_example("scico_port")
     first = port.main(workdir=str(tmp_path), verbose=False)

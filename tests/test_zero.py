@@ -107,6 +107,7 @@ def specs(state) -> list:
     u_shape=st.sampled_from([(7,), (6, 5), (2, 3, 4), (12, 1)]),
     opt=st.sampled_from(sorted(TXS)),
 )
+@pytest.mark.slow
 def test_sharded_optimizer_state_equals_the_replicated_step(
     n_devices, hidden, u_shape, opt
 ):

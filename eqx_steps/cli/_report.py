@@ -1,11 +1,15 @@
 """The model on the test set: its outputs and the table the command prints.
 
-Two views of the same test set, side by side:
+One headline figure, the **test SNR**: SCICO's evaluation, the `eval_snr` that
+the trainer logs at every log point (the progress bar, `metrics.jsonl`,
+`curves.png`, `eqx-steps info`): the SNR of each per-device batch (one signal
+power and one error over the whole batch), averaged over the batches. The table
+gives it, with the PSNR and the MSE on the same definition, for the noisy input
+and for the denoised output, so that the improvement is read on one scale.
 
-- per patch: the SNR and PSNR of each noisy and each denoised patch against the
-    clean one, averaged over the patches (what a user of the denoiser sees);
-- SCICO's evaluation, as the trainer logs it (`eval_loss`, `eval_snr`): the
-    metrics of each evaluation batch, averaged over the batches.
+Below it, labelled as such, the mean of per-patch SNRs: each patch counts once,
+and a low-contrast patch (small signal variance) pulls it down, so it reads
+lower than the test SNR.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from typing import Any
 import numpy as np
 
 from ._errors import reported
+
+
+def plural(count: int, noun: str) -> str:
+    """`"1 epoch"`, `"3 epochs"`."""
+    return f"{count} {noun}{'' if count == 1 else 's'}"
 
 
 def eval_batch_size(batch_size: int) -> int:
@@ -56,6 +65,64 @@ def denoise(
     return np.asarray(outputs)
 
 
+def _metrics(output: Any, label: Any, criterion: Any) -> dict[str, Any]:
+    """The trainer's metrics (`loss`, `snr`) and the PSNR with peak 1."""
+    from ..metrics import compute_metrics, psnr
+
+    return {
+        **compute_metrics(output, label, criterion),
+        "psnr": psnr(label, output, 1.0),
+    }
+
+
+def _given_output_step(
+    state: Any,
+    batch: Mapping[str, Any],
+    criterion: Any = None,
+    metrics_fn: Any = None,
+    *,
+    axis_name: Any = "device",
+) -> dict[str, Any]:
+    """`eval_step` with `batch["image"]` in place of the model's output."""
+    import jax
+
+    metrics = metrics_fn(batch["image"], batch["label"], criterion)  # pyright: ignore
+    return metrics if axis_name is None else jax.lax.pmean(metrics, axis_name)
+
+
+def scico_evaluation(
+    model: Any,
+    model_state: Any,
+    label: np.ndarray,
+    prediction: np.ndarray,
+    batch_size: int,
+    backend: str = "pmap",
+) -> dict[str, float]:
+    """`loss` (MSE), `snr` and `psnr` of `prediction` by the trainer's definition.
+
+    The batches and the averaging of [`eqx_steps.only_evaluate`][] (so `snr` is
+    the `eval_snr` the trainer logs for the model whose outputs `prediction`
+    are), with `prediction` (the noisy input, or the model's output) in place of
+    the model's output. `model` only gives the state its structure.
+    """
+    from ..apply import only_evaluate
+
+    config = {
+        "batch_size": batch_size,
+        "backend": backend,
+        "metrics_fn": _metrics,
+        "eval_step_fn": _given_output_step,
+    }
+    with reported():
+        return only_evaluate(
+            config,
+            model,
+            {"image": prediction, "label": label},
+            model_state=model_state,
+            use_checkpoint=False,
+        )
+
+
 def per_patch_quality(
     label: np.ndarray, images: Sequence[np.ndarray]
 ) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -68,28 +135,13 @@ def per_patch_quality(
     return [tuple(np.asarray(v) for v in fn(label, x)) for x in images]  # pyright: ignore
 
 
-def scico_line(metrics: Mapping[str, float], batch_size: int, source: str) -> str:
-    """The SCICO-defined evaluation figures (`loss`, `snr`), as two lines.
-
-    **Arguments:**
-
-    - `metrics`: the evaluation metrics (`loss`, `snr`; others are left out).
-    - `batch_size`: the evaluation batch size they were computed with.
-    - `source`: where they come from, e.g. `"last log record, step 8"`.
-    """
-    cells = [f"eval_loss {metrics['loss']:.4g}" if "loss" in metrics else ""]
-    cells.append(f"eval_snr {metrics['snr']:.2f} dB" if "snr" in metrics else "")
-    return (
-        f"SCICO-defined evaluation ({source}; metrics per batch of {batch_size}, "
-        f"averaged over batches):\n  " + "  ".join(c for c in cells if c)
-    )
-
-
 def summary(
     settings: Mapping[str, Any],
     test_ds: Mapping[str, np.ndarray],
     output: np.ndarray,
-    scico: str | None,
+    evaluations: tuple[Mapping[str, float], Mapping[str, float]],
+    batch_size: int,
+    step: int,
 ) -> tuple[str, tuple[np.ndarray, np.ndarray]]:
     """The printed table and the per-patch SNRs (noisy input, output).
 
@@ -98,28 +150,60 @@ def summary(
     - `settings`: the run's settings (`patch`, `noise`).
     - `test_ds`: the test set.
     - `output`: the model's output on it.
-    - `scico`: the line of SCICO-defined figures ([`scico_line`]), or `None`.
+    - `evaluations`: [`scico_evaluation`][] of the noisy input and of `output`.
+    - `batch_size`: the evaluation batch size they were computed with.
+    - `step`: the step of the model.
     """
-    (snr_in, psnr_in), (snr_out, psnr_out) = per_patch_quality(
+    import jax
+
+    (snr_in, _), (snr_out, _) = per_patch_quality(
         test_ds["label"], [test_ds["image"], output]
     )
-    rows = (
-        ("noisy input", np.mean(snr_in), np.mean(psnr_in), ""),
-        ("denoised", np.mean(snr_out), np.mean(psnr_out), ""),
-        (
-            "improvement",
-            np.mean(snr_out) - np.mean(snr_in),
-            np.mean(psnr_out) - np.mean(psnr_in),
-            "+",
-        ),
-    )
-    n, p = len(output), settings["patch"]
+    noisy, denoised = evaluations
+    n, p, devices = len(output), settings["patch"], jax.device_count()
+
+    def row(name: str, a: float, b: float, fmt: str, gain: bool = True) -> str:
+        change = f"{b - a:>+13.2f}" if gain else ""
+        return f"  {name:<28}{a:>12{fmt}}{b:>11{fmt}}{change}"
+
     lines = [
-        f"Test set: {n} patches of {p}x{p}, noise std {settings['noise']:g} "
-        "(PSNR with peak 1)",
-        f"  {'mean over patches':<19}{'SNR (dB)':>10}{'PSNR (dB)':>11}",
-        *(f"  {name:<19}{s:>{sign}10.2f}{q:>{sign}11.2f}" for name, s, q, sign in rows),
+        f"Test set: {n} patches of {p}x{p}, noise std {settings['noise']:g}; the "
+        f"model at step {step}",
+        f"  {'':<28}{'noisy input':>12}{'denoised':>11}{'improvement':>13}",
+        row("test SNR (dB)", noisy["snr"], denoised["snr"], ".2f"),
+        row("test PSNR (dB, peak 1)", noisy["psnr"], denoised["psnr"], ".2f"),
+        row("test MSE", noisy["loss"], denoised["loss"], ".5f", gain=False),
+        row(
+            "mean of per-patch SNRs (dB)",
+            float(np.mean(snr_in)),
+            float(np.mean(snr_out)),
+            ".2f",
+        ),
+        "Test SNR, PSNR and MSE: SCICO's evaluation, as eval_snr and eval_loss in the "
+        "log, metrics.jsonl",
+        f"and curves.png (each over a device's batch of {batch_size // devices}: "
+        f"batch {batch_size} on {devices} device(s); averaged over the batches).",
+        "The mean of per-patch SNRs counts each patch once; low-contrast patches "
+        "pull it down.",
     ]
-    if scico:
-        lines.append(scico)
     return "\n".join(lines), (snr_in, snr_out)
+
+
+def report(
+    settings: Mapping[str, Any],
+    test_ds: Mapping[str, np.ndarray],
+    model: Any,
+    model_state: Any,
+    batch_size: int,
+    backend: str,
+    step: int,
+) -> tuple[str, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The model on the test set: the printed table ([`summary`][]), the outputs
+    and the per-patch SNRs (noisy input, output)."""
+    output = denoise(model, model_state, test_ds, batch_size, backend)
+    evaluations = tuple(
+        scico_evaluation(model, model_state, test_ds["label"], x, batch_size, backend)
+        for x in (test_ds["image"], output)
+    )
+    text, snrs = summary(settings, test_ds, output, evaluations, batch_size, step)  # pyright: ignore
+    return text, output, snrs

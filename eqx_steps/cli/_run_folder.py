@@ -11,8 +11,9 @@ A run folder holds
 - `curves.png` (from the `History` that training returns) and `samples.png`
     (test patches: clean, noisy, denoised).
 - `.lock`: held (`fcntl.flock`) by the one `eqx-steps train` that uses the
-    folder; the kernel releases it when that process ends, however it ends, so a
-    killed run never blocks the next one.
+    folder, and removed when it ends; the kernel releases the lock when that
+    process ends, however it ends, so a killed run (which leaves the file) never
+    blocks the next one.
 
 In a multi-process run only process 0 writes here (and holds the lock).
 """
@@ -96,28 +97,70 @@ def remove_if_empty(run_dir: str) -> None:
 def hold(run_dir: str) -> Iterator[None]:
     """Hold `run_dir/.lock` for the duration of the block: one run at a time.
 
+    The file is removed at the end of the block, while still locked. A process
+    that opened it just before finds, once it holds the lock, that the path no
+    longer names the file it locked, and starts again with a new file.
+
     **Raises:**
 
     `UsageError` when another process holds it (its process id is in the file).
     """
     path = os.path.join(run_dir, LOCK_FILE)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    while True:
+        fd = _lock(path, run_dir)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
-                raise
-            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise UsageError(
-                f"run folder {run_dir!r} is in use by another eqx-steps train "
-                f"(process {owner}); wait for it to end, or choose another --out"
-            ) from None
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # removed by the run that held it: lock the new file
+    try:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
     finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         os.close(fd)  # releases the lock
+
+
+def _lock(path: str, run_dir: str) -> int:
+    """Open `path` and lock it (without waiting); the file descriptor."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        if e.errno not in (errno.EAGAIN, errno.EACCES):
+            raise
+        raise UsageError(
+            f"run folder {run_dir!r} is in use by another eqx-steps train "
+            f"(process {owner}); wait for it to end, or choose another --out"
+        ) from None
+    return fd
+
+
+def step_folders(run_dir: str) -> list[int]:
+    """The steps of the checkpoints in `run_dir` (its numbered folders), in order."""
+    return sorted(
+        int(name)
+        for name in os.listdir(run_dir)
+        if name.isdigit() and os.path.isdir(os.path.join(run_dir, name))
+    )
+
+
+def contents_line(run_dir: str) -> str:
+    """What a finished run's folder holds, as the command's last line."""
+    files = [f for f in FILES if os.path.exists(os.path.join(run_dir, f))]
+    steps = step_folders(run_dir)
+    checkpoints = (
+        f"; checkpoints in the step folders {', '.join(map(str, steps))}"
+        if steps
+        else "; no checkpoint"
+    )
+    return f"Run folder {run_dir}: {', '.join(files)}{checkpoints}"
 
 
 def _read_json(path: str) -> dict[str, Any]:
@@ -169,19 +212,9 @@ def write_config(run_dir: str, config: Mapping[str, Any]) -> None:
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:
     """The records of `run_dir/metrics.jsonl` (a damaged line is skipped)."""
-    path = os.path.join(run_dir, METRICS_FILE)
-    if not os.path.exists(path):
-        return []
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict):
-                records.append(record)
-    return records
+    from .._hooks import read_records
+
+    return read_records(os.path.join(run_dir, METRICS_FILE))
 
 
 def write_curves(run_dir: str, history: Any) -> None:

@@ -301,8 +301,14 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     with reported("--out: "):
         write_image(out, denoised)
+    # Which model made the picture: SCICO's variant, or the run folder.
+    by = (
+        f"SCICO {args.variant}"
+        if args.variant
+        else f"run {os.path.basename(os.path.normpath(args.run_dir))}"
+    )
     if args.noise is None:
-        panels = [(original, "input"), (denoised, "denoised")]
+        panels = [(original, "input"), (denoised, f"denoised by {by}")]
     else:
         snr_in, snr_out = _snr(original, noisy), _snr(original, denoised)
         print(
@@ -313,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         panels = [
             (original, "original"),
             (noisy, f"noisy (std {args.noise:g}): SNR {snr_in:.2f} dB"),
-            (denoised, f"denoised: SNR {snr_out:.2f} dB"),
+            (denoised, f"{by}: SNR {snr_out:.2f} dB"),
         ]
     write_comparison(compare, panels)
     print(f"  denoised in {seconds:.1f} s; wrote {out} and {compare}")

@@ -7,9 +7,9 @@ from typing import Any
 
 from . import _run_folder as folder
 from ._data import load_data
-from ._errors import reported, UsageError
+from ._errors import UsageError
 from ._models import build_model, resolve, restore
-from ._report import denoise, eval_batch_size, scico_line, summary
+from ._report import eval_batch_size, report
 from ._runtime import start_jax
 from ._settings import BY_NAME, DEFAULTS
 from .train import trainer_config
@@ -21,9 +21,9 @@ def add_parser(commands: Any, formatter: Any) -> None:
         "evaluate",
         help="test metrics of a run's latest checkpoint",
         description="Restore the latest checkpoint of RUN_DIR (the model rebuilt "
-        "from its config.json), rebuild the same test set and print the SNR/PSNR "
-        "of the noisy input and of the output, per patch, and SCICO's evaluation "
-        "figures.",
+        "from its config.json), rebuild the same test set and print the test SNR "
+        "(SCICO's evaluation, the eval_snr of the training log), PSNR and MSE of "
+        "the noisy input and of the output, and the mean of per-patch SNRs.",
         formatter_class=formatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="the run folder")
@@ -51,24 +51,16 @@ def run(args: argparse.Namespace) -> int:
             f"run folder {args.run_dir!r} holds no checkpoint; train it with "
             f"`eqx-steps train --out {args.run_dir} --resume`"
         )
-    from ..apply import only_evaluate
-
     step = int(state.step)
-    output = denoise(
+    text, _, _ = report(
+        settings,
+        data.test,
         state.model,
         state.model_state,
-        data.test,
         batch_size,
         settings["backend"] or "pmap",
+        step,
     )
-    with reported():
-        metrics = only_evaluate(
-            {"batch_size": batch_size, "backend": settings["backend"] or "pmap"},
-            state.model,
-            data.test,
-            model_state=state.model_state,
-        )
-    scico = scico_line(metrics, batch_size, f"checkpoint step {step}")
     print(f"{args.run_dir}: {settings['model']}, checkpoint step {step}")
-    print(summary(settings, data.test, output, scico)[0])
+    print(text)
     return 0

@@ -66,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
     if records:
         print(f"Last metrics record ({folder.METRICS_FILE}, {len(records)} records):")
         print("  " + _record_line(records[-1]))
+        last = records[-1]
+        if isinstance(last.get("eval_snr"), float):
+            print(
+                f"Test SNR {last['eval_snr']:.2f} dB at step {last.get('step')} "
+                "(eval_snr: SCICO's evaluation, as `eqx-steps evaluate` prints it)"
+            )
     else:
         print(f"No metrics records ({folder.METRICS_FILE} is missing or empty).")
     return 0

@@ -13,7 +13,7 @@ from . import _run_folder as folder
 from ._data import Data, load_data
 from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
-from ._report import denoise, scico_line, summary
+from ._report import plural, report
 from ._runtime import distributed_args, host, is_main_process, start_jax
 from ._settings import BY_NAME, DEFAULTS, read_config_file, SETTINGS
 
@@ -30,8 +30,9 @@ def add_parser(commands: Any, formatter: Any) -> None:
         description="Train a denoiser (noisy -> clean) on synthetic patches, or on "
         "your own images with --data, on all local devices, with a progress bar. "
         "The run folder gets config.json, metrics.jsonl, orbax checkpoints, "
-        "curves.png and samples.png; the test SNR/PSNR of the input and of the "
-        "output are printed at the end.",
+        "curves.png and samples.png; the test SNR (SCICO's eval_snr, as in the "
+        "log and the curves), PSNR and MSE of the noisy input and of the output "
+        "are printed at the end.",
         formatter_class=formatter,
     )
     for s in SETTINGS:
@@ -180,7 +181,8 @@ def _header(settings: dict[str, Any], data: Data, trainer: Any, out: str) -> str
         f"  {settings['train_size']} training / {settings['test_size']} test "
         f"patches of {settings['patch']}x{settings['patch']}, noise std "
         f"{settings['noise']:g}\n"
-        f"  {settings['epochs']} epochs x {trainer.steps_per_epoch} steps of batch "
+        f"  {plural(settings['epochs'], 'epoch')} x "
+        f"{plural(trainer.steps_per_epoch, 'step')} of batch "
         f"{settings['batch_size']}, lr {settings['lr']:g}"
         + (f", resuming at step {start}" if start else "")
         + f"\n  run folder: {out}"
@@ -205,27 +207,24 @@ def _finish(
 ) -> str:
     """The pictures (process 0) and the final table of a finished run."""
     model, model_state = host((state.model, state.model_state))
-    output = denoise(
-        model, model_state, data.test, settings["batch_size"], settings["backend"]
-    )
     step = int(host(state.step))
-    last = history.records[-1] if history.records else {}
-    metrics = {k[5:]: v for k, v in last.items() if k.startswith("eval_")}
-    scico = None
-    if metrics:
-        where = f"last log record, step {last.get('step', step)}"
-        scico = scico_line(metrics, settings["batch_size"], where)
-    text, snrs = summary(settings, data.test, output, scico)
+    text, output, snrs = report(
+        settings,
+        data.test,
+        model,
+        model_state,
+        settings["batch_size"],
+        settings["backend"],
+        step,
+    )
     if is_main_process():
         folder.write_curves(workdir, history)
         title = (
-            f"{settings['model']} after {step} steps, noise std {settings['noise']:g}"
+            f"{settings['model']} after {step} steps, noise std "
+            f"{settings['noise']:g} (the SNR of each patch)"
         )
         folder.write_samples(workdir, data.test, output, snrs, title)
-    return text + (
-        f"\nRun folder {workdir}: {', '.join(folder.FILES)}, checkpoints (latest "
-        f"step {step})"
-    )
+    return text
 
 
 def _interrupted(error: Any, out: str) -> NoReturn:
@@ -286,6 +285,6 @@ def run(args: argparse.Namespace) -> int:
         except OSError as e:  # a checkpoint that could not be written
             raise UsageError(one_line(e)) from None
         text = _finish(settings, data, state, history, workdir)
-    if main:
-        print(text, flush=True)
+    if main:  # after the lock is released (and its file removed)
+        print(text + "\n" + folder.contents_line(out), flush=True)
     return 0

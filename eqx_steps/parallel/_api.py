@@ -150,7 +150,8 @@ def parallel_train_step(
     - `compiler_options`: XLA options for compiling this step only, as for
         `jax.jit`; e.g. `{"xla_disable_hlo_passes": "cpu-all-reduce-combiner"}`
         reduces the gradients one leaf at a time, which lowers the peak memory of
-        a donated step on several CPU devices (see docs/performance.md).
+        a donated step on several CPU devices (see [Donation][donation] in
+        Performance).
     - `devices`: the devices to run on (default: every device of the backend);
         the batch's device axis has one entry per device of this process.
     - `shard_optimizer_state`: `backend="sharded"` only: keep 1/N of the
