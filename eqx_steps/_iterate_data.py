@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from ._validate import check_bool, check_int, nearest_multiples
 
@@ -189,7 +189,7 @@ class IterateData:
 
     def __init__(
         self,
-        dataset: Mapping[str, ArrayLike],
+        dataset: Mapping[str, Any],
         batch_size: int,
         train: bool = True,
         key: PRNGKeyArray | int | None = None,

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxtyping import ArrayLike, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from ._iterate_data import HostBatch, IterateData as IterateData
 from ._validate import check_int, is_integer_image
@@ -178,7 +178,7 @@ class DeviceIter:
 
 def create_input_iter(
     key: PRNGKeyArray | int | None,
-    dataset: Mapping[str, ArrayLike],
+    dataset: Mapping[str, Any],
     batch_size: int,
     size_device_prefetch: int = 2,
     dtype: Any = jnp.float32,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
@@ -150,8 +151,10 @@ class BasicTrainer:
 
     **Attributes** (SCICO's): `state`, `steps_per_epoch`, `num_steps`,
     `batch_size`, `log_every_steps`, `steps_per_checkpoint`, `lr_schedule`,
-    `ishape` (the shape of one input example, `train_ds["image"].shape[1:]`;
-    SCICO's holds the spatial part only, to initialise a Flax model),
+    `ishape` (the shape of one input example, `train_ds["image"].shape[1:]`,
+    `(H, W, C)` for images; for a tuple or dict input, the same tuple or dict
+    of shapes; SCICO's holds the spatial part `(H, W)` only, to initialise a
+    Flax model: see the migration guide),
     `train_dt_iter` and `eval_dt_iter` (the training iterator at the state's
     step, one batch per item, which `train()` draws from; one pass over the test
     set), and `history`.
@@ -207,11 +210,16 @@ class BasicTrainer:
         - `model_state`, `key`, `trainable`, `forward`: as for
             [`eqx_steps.TrainState.create`][] (the model's `eqx.nn.State`; a PRNG
             key for dropout; the filter of the optimised leaves; how the model is
-            applied to a batch).
+            applied to a batch: [`eqx_steps.per_example_args`][] for a tuple
+            input `model(x, t)`). With the default `forward` (or `whole_batch`),
+            an integer image input is cast to floating point as SCICO casts it;
+            other integer inputs (token ids) and every input of another
+            `forward` keep their dtype.
         - `tx`: a ready optax optimizer. Then `config["opt_type"]`, `"momentum"`
             and `"create_train_state"` are not used, and the `learning_rate`
             metric is read from `tx`'s state when it was built with
-            `optax.inject_hyperparams` (else it is `config["lr_schedule"]`'s).
+            `optax.inject_hyperparams`; otherwise none is recorded (the config's
+            `lr_schedule` is not what `tx` follows).
             Without `tx`, `config["create_train_state"]` builds the state, and
             `key`, `trainable` and `forward`, when given, re-create it from its
             model, model state and optimizer.
@@ -337,10 +345,9 @@ class BasicTrainer:
     def _train_iter(self, step: int, steps_per_call: int) -> Any:
         if self.stream is not None:  # a user's iterable: read on, never rewound
             return self.stream.view(steps_per_call)
-        assert isinstance(self.train_ds, Mapping)
         return create_input_iter(
             self.data_key,
-            self.train_ds,
+            typing.cast(Mapping[str, Any], self.train_ds),
             self.batch_size,
             train=True,
             dtype=self.dtype,
