@@ -79,15 +79,27 @@ def _shard_on_mesh(arrays: list[Any], n: int, sharding: NamedSharding) -> list[A
     return [jax.lax.with_sharding_constraint(y, sharding) for y in out]
 
 
+def _host_view(x: Any) -> Any:
+    """`x` as a NumPy array when it is a JAX array on one CPU device (a view of
+    its buffer), else `x`."""
+    if not isinstance(x, jax.Array) or x.is_deleted():
+        return x
+    devices = x.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return x
+    return np.asarray(x)
+
+
 def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     """Reshape a local batch `(local_batch, ...)` to `(n_devices, per_device, ...)`.
 
     A batch is any PyTree of arrays with a leading example axis (a dict of
     arrays, a tuple of a model's several inputs, a dict of dicts...). NumPy
-    leaves are reshaped on the host (the parallel steps place them with one
-    transfer); JAX leaves are reshaped and laid out one slice per device in one
-    compiled call, in the layout the parallel steps expect, so that a step keeps
-    them as they are.
+    leaves, and JAX leaves held on one CPU device (read as NumPy arrays without
+    a copy), are reshaped on the host: the parallel steps place them with one
+    compiled call. JAX leaves on an accelerator are reshaped and laid out one
+    slice per device in one compiled call, in the layout the parallel steps
+    expect, so that a step keeps them as they are.
 
     **Arguments:**
 
@@ -131,7 +143,11 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
             )
         check_divisible(f"{name}.shape[0]", x.shape[0], n, what)
 
-    xs = [x for _, x in leaves]
+    # A JAX array in this process's CPU memory is read as a NumPy array (no
+    # copy): it then takes the NumPy path, one transfer by the step's placement,
+    # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
+    # over the devices in one compiled call.
+    xs = [_host_view(x) for _, x in leaves]
     out = [_split_leading(x, n) if not isinstance(x, jax.Array) else x for x in xs]
     on_device = [i for i, x in enumerate(xs) if isinstance(x, jax.Array)]
     if on_device:
