@@ -114,6 +114,9 @@ def test_pytree_datasets_through_the_iterators():
         batch["image"][0].shape == (4, 2, 3) and batch["image"][0].dtype == jnp.float32
     )
     assert batch["image"][1]["t"].dtype == jnp.int32  # never cast
+    masks = {"image": x > 3, "label": x, "mask": x > 5}
+    placed = next(es.create_input_iter(0, masks, 8))
+    assert placed["image"].dtype == jnp.bool_ and placed["mask"].dtype == jnp.bool_
     with pytest.raises(ValueError, match=r"'image'\[1\]\['t'\]: 15"):
         es.IterateData({"image": (x, {"t": t[:15]}), "label": x}, 8)
     with pytest.raises(TypeError, match=r"dataset\['image'\]\[1\]` is a str"):
