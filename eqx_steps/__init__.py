@@ -31,7 +31,11 @@ from .data import (
     IterateData as IterateData,
 )
 from .evaluate import evaluate_dataset as evaluate_dataset
-from .losses import cross_entropy_loss as cross_entropy_loss, mse_loss as mse_loss
+from .losses import (
+    cross_entropy_loss as cross_entropy_loss,
+    mean_squared_error as mean_squared_error,
+    mse_loss as mse_loss,
+)
 from .metrics import (
     classification_metrics as classification_metrics,
     compute_metrics as compute_metrics,
@@ -69,10 +73,13 @@ from .state import (
     create_basic_train_state as create_basic_train_state,
     DEVICE_AXIS as DEVICE_AXIS,
     per_example as per_example,
+    per_example_args as per_example_args,
+    per_example_kwargs as per_example_kwargs,
     TrainState as TrainState,
     whole_batch as whole_batch,
 )
 from .steps import (
+    BatchStatisticsWarning as BatchStatisticsWarning,
     eval_step as eval_step,
     train_step as train_step,
     train_step_post as train_step_post,

@@ -55,6 +55,10 @@ class ConfigDict(TypedDict, total=False):
     steps_per_call: int
     nan_policy: str
     shard_optimizer_state: bool
+    num_steps: int
+    shuffle: bool
+    input_key: str
+    target_key: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +95,18 @@ class TrainConfig:
     returns the `TrainState`; with `False` it returns `(model, model_state)`,
     the Equinox counterpart of SCICO's `{"params", "batch_stats"}`.
 
-    The last four fields go beyond SCICO: `backend`, `steps_per_call`,
+    The last eight fields go beyond SCICO: `backend`, `steps_per_call`,
     `nan_policy` and `shard_optimizer_state` of
-    [`eqx_steps.parallel_train_step`][].
+    [`eqx_steps.parallel_train_step`][]; `num_steps`, the length of the run in
+    steps (when set, it replaces `num_epochs`, which then only feeds the
+    schedules); `shuffle`, whether each epoch visits the training examples in a
+    new random order (SCICO's, the default) or in their order; and `input_key`
+    and `target_key`, the dataset entries that are the model's input and the
+    target (SCICO's `"image"` and `"label"`).
+
+    `criterion` defaults to [`eqx_steps.mse_loss`][], SCICO's **half** mean
+    squared error (`0.5 * mean((y - t) ** 2)`); [`eqx_steps.mean_squared_error`][]
+    is the full one a plain Equinox loop usually writes.
 
     The annotations are the validation: a `TrainConfig` (however made: directly,
     by [`eqx_steps.TrainConfig.from_dict`][] or `dataclasses.replace`) accepts
@@ -130,6 +143,10 @@ class TrainConfig:
     steps_per_call: _PositiveInt = 1
     nan_policy: Literal["raise", "skip", "ignore"] = "raise"
     shard_optimizer_state: bool = False
+    num_steps: _PositiveInt | None = None
+    shuffle: bool = True
+    input_key: str = "image"
+    target_key: str = "label"
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any] | TrainConfig) -> TrainConfig:

@@ -9,12 +9,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import ArrayLike, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
-from ._validate import check_int, nearest_multiples
+from ._validate import check_bool, check_int, nearest_multiples
 
 
-HostBatch = dict[str, np.ndarray]
+HostBatch = dict[str, Any]
+"""A batch on the host: a dict whose entries are NumPy arrays or PyTrees of them."""
 
 
 def _seed_words(given: object) -> tuple[int, ...]:
@@ -40,12 +41,44 @@ def _seed_words(given: object) -> tuple[int, ...]:
     return tuple(int(w) for w in words)
 
 
-def _as_host_dataset(dataset: Any, name: str) -> dict[str, np.ndarray]:
+def _leaf_name(name: str, key: str, path: tuple) -> str:
+    return f"{name}[{key!r}]{jax.tree_util.keystr(path)}"
+
+
+def host_leaf(label: str, value: Any) -> np.ndarray:
+    """One leaf of a dataset or batch as a host array with a leading example axis.
+
+    Arrays (NumPy, JAX) and NumPy scalars' arrays pass; anything else (a string,
+    an object, a Python number) raises a `TypeError` naming `label`.
+    """
+    if not (isinstance(value, (np.ndarray, jax.Array, np.generic))):
+        raise TypeError(
+            f"`{label}` is a {type(value).__name__} ({value!r:.60}), not an array; "
+            "every leaf of a dataset or batch must be an array with a leading "
+            "example axis (NumPy or JAX): convert it with np.asarray, or keep it "
+            "out of the data (e.g. as a static field of the model)."
+        )
+    array = np.asarray(value)
+    if array.dtype == object or array.dtype.kind in "USV":
+        raise TypeError(
+            f"`{label}` has dtype {array.dtype}; the leaves of a dataset must be "
+            "numeric or boolean arrays (encode strings as integer ids first)."
+        )
+    if array.ndim == 0:
+        raise ValueError(
+            f"`{label}` is a scalar; every entry needs a leading "
+            "example axis (shape (n_examples, ...))."
+        )
+    return array
+
+
+def _as_host_dataset(dataset: Any, name: str) -> dict[str, Any]:
     if not isinstance(dataset, Mapping):
         raise TypeError(
             f"`{name}` must be a dict of arrays with equal leading length, got "
             f"{type(dataset).__name__}; build it as "
-            "{'image': inputs, 'label': targets}."
+            "{'image': inputs, 'label': targets} (an entry may be a tuple or dict "
+            "of arrays, for a model with several inputs)."
         )
     if not dataset:
         raise ValueError(
@@ -53,28 +86,41 @@ def _as_host_dataset(dataset: Any, name: str) -> dict[str, np.ndarray]:
             "{'image': inputs, 'label': targets}."
         )
     host = {}
+    lengths = {}
     for key, value in dataset.items():
         if not isinstance(key, str):
             raise TypeError(
                 f"`{name}` keys must be strings, got {key!r}; use names such as "
                 "'image' and 'label'."
             )
-        array = np.asarray(value)
-        if array.ndim == 0:
+        if isinstance(value, (list, int, float, complex, str, bytes)):
+            value = np.asarray(value)  # SCICO's datasets: array-likes per entry
+        leaves, treedef = jax.tree_util.tree_flatten_with_path(value)
+        if not leaves:
             raise ValueError(
-                f"`{name}[{key!r}]` is a scalar; every entry needs a leading "
-                "example axis (shape (n_examples, ...))."
+                f"`{name}[{key!r}]` holds no array ({value!r:.60}); give every "
+                "entry at least one array with a leading example axis."
             )
-        host[key] = array
-    lengths = {k: x.shape[0] for k, x in host.items()}
+        arrays = []
+        for path, leaf in leaves:
+            label = _leaf_name(name, key, path)
+            array = host_leaf(label, leaf)
+            lengths[f"{key!r}{jax.tree_util.keystr(path)}"] = array.shape[0]
+            arrays.append(array)
+        host[key] = jax.tree_util.tree_unflatten(treedef, arrays)
     if len(set(lengths.values())) > 1:
-        listed = ", ".join(f"{k!r}: {n}" for k, n in lengths.items())
+        listed = ", ".join(f"{k}: {n}" for k, n in lengths.items())
         raise ValueError(
             f"`{name}` entries have different leading lengths ({listed}); every "
             "array must hold one row per example: trim or fix the entries so the "
             "lengths agree."
         )
     return host
+
+
+def take(tree: Any, rows: np.ndarray) -> Any:
+    """The `rows` of every leaf of `tree` (a host dataset entry or dataset)."""
+    return jax.tree_util.tree_map(lambda x: np.take(x, rows, axis=0), tree)
 
 
 class IterateData:
@@ -99,14 +145,21 @@ class IterateData:
     evaluated on one device of each process, the same on every process).
 
     Batches are dicts of host (`numpy`) arrays with the dataset's keys and dtypes.
+    An entry may be any PyTree of arrays (a tuple or dict of inputs for a model
+    with several inputs); every leaf is indexed along its leading axis, and the
+    batch has the same structure.
 
     **Arguments:**
 
-    - `dataset`: a dict of arrays (numpy or JAX) with equal leading length.
+    - `dataset`: a dict of arrays (numpy or JAX), or of PyTrees of arrays, with
+        equal leading length.
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `train`: infinite shuffled iteration (`True`) or one ordered pass (`False`).
     - `key`: a PRNG key (`jax.random.key(seed)`) or int seed for the shuffling;
-        `None` means `jax.random.key(0)`. Unused when `train=False`.
+        `None` means `jax.random.PRNGKey(0)` (SCICO's default). Unused when
+        `train=False` or `shuffle=False`.
+    - `shuffle`: visit the examples of each training epoch in a new random order
+        (default, SCICO's), or in their order in `dataset` every epoch.
     - `start_step`: the global step (training) or batch number (evaluation) to
         start at.
     - `process_index`, `process_count`: override `jax.process_index()` and
@@ -123,8 +176,8 @@ class IterateData:
         `ceil(n / batch_size)` for evaluation.
     - `local_batch_size`: rows per batch yielded by this process.
     - `step`: the global step (batch number) of the next batch.
-    - `key`: the `key` given (SCICO's `IterateData.key`); `None` means
-        `jax.random.key(0)` for the shuffling.
+    - `key`: the key of the shuffling (SCICO's `IterateData.key`): the one
+        given, or `jax.random.PRNGKey(0)` when none is (as SCICO).
 
     !!! example
 
@@ -136,11 +189,12 @@ class IterateData:
 
     def __init__(
         self,
-        dataset: Mapping[str, ArrayLike],
+        dataset: Mapping[str, Any],
         batch_size: int,
         train: bool = True,
         key: PRNGKeyArray | int | None = None,
         *,
+        shuffle: bool = True,
         start_step: int = 0,
         process_index: int | None = None,
         process_count: int | None = None,
@@ -150,8 +204,11 @@ class IterateData:
         self.dataset = _as_host_dataset(dataset, name)
         self.batch_size = check_int("batch_size", batch_size)
         self.train = bool(train)
-        self.key = key
-        self.n = next(iter(self.dataset.values())).shape[0]
+        # SCICO: `PRNGKey(0)` when no key is given (the same permutations as
+        # `jax.random.key(0)`: both hold the words [0, 0]).
+        self.key = jax.random.PRNGKey(0) if key is None else key
+        self.shuffle = check_bool("shuffle", shuffle)
+        self.n = jax.tree_util.tree_leaves(self.dataset)[0].shape[0]
 
         n_devices = jax.device_count()
         if self.batch_size % n_devices:
@@ -215,6 +272,8 @@ class IterateData:
 
     def permutation(self, epoch: int) -> np.ndarray:
         """The order of the examples in training epoch `epoch` (a function of `key`)."""
+        if not self.shuffle:
+            return np.arange(self.n)
         rng = np.random.default_rng(np.random.SeedSequence([*self._seed, epoch]))
         return rng.permutation(self.n)
 
@@ -241,8 +300,7 @@ class IterateData:
         As yielded by the iterator: this process's rows only, except the smaller
         last evaluation batch, which every process gets whole.
         """
-        idx = self.indices(step)
-        return {name: x[idx] for name, x in self.dataset.items()}
+        return take(self.dataset, self.indices(step))
 
     def __iter__(self) -> IterateData:
         return self

@@ -79,11 +79,3 @@ def call_size(step: int, k: int, end: int, periods: list[int]) -> int:
     multiple of one of the `periods`."""
     stop = min([end] + [(step // p + 1) * p for p in periods])
     return k if stop - step >= k else 1
-
-
-def reads_injected_rate(opt_state: optax.OptState) -> bool:
-    """Whether an optimizer state holds its learning rate (`inject_hyperparams`)."""
-    try:
-        return optax.tree_utils.tree_get(opt_state, "learning_rate") is not None
-    except KeyError:  # several: the train step reports the first one
-        return True

@@ -19,9 +19,27 @@ import numbers
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 
 DATA_KEYS = ("image", "label")
 """The keys the steps read from a batch: `"image"` (input), `"label"` (target)."""
+
+
+def is_integer_image(x: Any) -> bool:
+    """Whether `x` is an image by the default convention, to be cast as SCICO casts.
+
+    A single integer array (not a tuple or dict of inputs) of an unsigned dtype
+    (`uint8`, `uint16`: pixel values), or of any integer dtype with at least two
+    axes per example (`(H, W)` or `(H, W, C)`). Token ids, `(n, T)` of a signed
+    integer dtype, are not; boolean arrays never are.
+    """
+    if isinstance(x, (tuple, list, Mapping)) or not hasattr(x, "dtype"):
+        return False
+    dtype = np.dtype(x.dtype)
+    if dtype == np.bool_ or not np.issubdtype(dtype, np.integer):
+        return False
+    return np.issubdtype(dtype, np.unsignedinteger) or np.ndim(x) >= 3
 
 
 def is_int(value: Any) -> bool:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import collections
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
@@ -23,12 +23,13 @@ import jax
 import numpy as np
 from jaxtyping import PyTree
 
+from ._iterate_data import host_leaf
 from ._model_checks import check_model_state
 from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
 from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
-from .state import DEVICE_AXIS, TrainState
+from .state import DEVICE_AXIS, per_example, TrainState
 from .steps import (
     _apply_forward,
     _check_inputs,
@@ -65,6 +66,7 @@ def _restore_state(
     workdir: str | os.PathLike | None = None,
     *,
     use_checkpoint: bool | None = None,
+    forward: Callable = per_example,
 ) -> tuple[TrainConfig, TrainState]:
     """The state a run with `config` builds, with the weights SCICO's rule picks.
 
@@ -83,6 +85,7 @@ def _restore_state(
     - `workdir`: a checkpoint folder to restore from, overriding `config`.
     - `use_checkpoint`: `None` (SCICO's rule), `True` (restore) or `False` (the
         weights as given).
+    - `forward`: how the model is applied to a batch.
 
     **Returns:**
 
@@ -104,6 +107,8 @@ def _restore_state(
         cfg.lr_schedule(schedule_config),
         model_state=model_state,
     )
+    if forward is not state.forward:
+        state = state.replace(forward=forward)
     if folder is None:
         return cfg, state
     path, named = folder
@@ -124,20 +129,26 @@ def _restore_state(
     return cfg, state
 
 
+def check_forward(forward: Any) -> Callable:
+    if not callable(forward):
+        raise TypeError(
+            f"`forward` must be a function (e.g. eqx_steps.per_example_args), got "
+            f"{forward!r}."
+        )
+    return forward
+
+
 def _check_test_ds(test_ds: Any, keys: tuple[str, ...]) -> None:
     """`test_ds` a dict with `keys`, holding at least one example."""
     check_dataset("test_ds", test_ds, keys)
-    images = test_ds["image"]
-    if np.ndim(images) == 0:
-        raise ValueError(
-            "`test_ds['image']` is a scalar; it needs a leading example axis (shape "
-            "(n_examples, ...))."
-        )
-    if np.shape(images)[0] == 0:
-        raise ValueError(
-            f"`test_ds` has no examples (test_ds['image'] has shape "
-            f"{np.shape(images)}); pass at least one example."
-        )
+    for path, leaf in jax.tree_util.tree_flatten_with_path(test_ds["image"])[0]:
+        name = f"test_ds['image']{jax.tree_util.keystr(path)}"
+        images = host_leaf(name, leaf)
+        if images.shape[0] == 0:
+            raise ValueError(
+                f"`test_ds` has no examples (`{name}` has shape {images.shape}); "
+                "pass at least one example."
+            )
 
 
 def _batch_size(cfg: TrainConfig) -> int:
@@ -172,8 +183,9 @@ def _output_step(
 
     `{"output": outputs}`, the leading axis the examples of the whole batch.
     """
-    _check_inputs(state, batch)
-    output, _ = _apply_forward(state, state.model, batch["image"], inference=True)
+    _check_inputs(state, batch, training=False)
+    model = eqx.nn.inference_mode(state.model)  # the model itself, any `forward`
+    output, _ = _apply_forward(state, model, batch["image"], inference=True)
     if axis_name is not None:
         output = jax.tree_util.tree_map(
             lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output
@@ -189,6 +201,7 @@ def only_apply(
     model_state: eqx.nn.State | None = None,
     workdir: str | os.PathLike | None = None,
     use_checkpoint: bool | None = None,
+    forward: Callable = per_example,
 ) -> tuple[PyTree, tuple[PyTree, eqx.nn.State | None]]:
     """The model's output for every example of `test_ds`, and the weights used.
 
@@ -212,13 +225,18 @@ def only_apply(
         `checkpointing`, `workdir`, and the optimizer and `create_train_state` that
         built the checkpoint, when restoring).
     - `model`: the trained model, or a model of the same structure when restoring.
-    - `test_ds`: a dict with `"image"` (any other entry is ignored).
+    - `test_ds`: a dict with `"image"`, the model's input: an array, or a
+        PyTree of arrays for a model of several inputs (with the `forward` that
+        unpacks it); any other entry is ignored.
     - `model_state`: the model's `eqx.nn.State` (needed when the model has
         BatchNorm layers), or `None`.
     - `workdir`: a folder of checkpoints to restore the latest one from,
         whatever `config["checkpointing"]` says.
     - `use_checkpoint`: `None` (SCICO's rule, above), `True` (restore from
         `workdir` or `config["workdir"]`) or `False` (the weights as given).
+    - `forward`: how the model is applied to a batch, as for
+        [`eqx_steps.TrainState.create`][] (default [`eqx_steps.per_example`][];
+        [`eqx_steps.per_example_args`][] for a model of several inputs).
 
     **Returns:**
 
@@ -233,7 +251,12 @@ def only_apply(
     """
     _check_test_ds(test_ds, ("image",))
     cfg, state = _restore_state(
-        config, model, model_state, workdir, use_checkpoint=use_checkpoint
+        config,
+        model,
+        model_state,
+        workdir,
+        use_checkpoint=use_checkpoint,
+        forward=check_forward(forward),
     )
     apply_fn = parallel_eval_step(
         cfg.criterion,
@@ -242,7 +265,7 @@ def only_apply(
         backend=cfg.backend,  # pyright: ignore
     )
     images = test_ds["image"]
-    n = np.shape(images)[0]
+    n = np.shape(jax.tree_util.tree_leaves(images)[0])[0]
     # The parallel step reads a "label": an empty one per example costs nothing.
     data = {"image": images, "label": np.zeros((n, 0), np.float32)}
     it, n_full, with_rest = _eval_iter(data, _batch_size(cfg))
@@ -267,6 +290,7 @@ def only_evaluate(
     model_state: eqx.nn.State | None = None,
     workdir: str | os.PathLike | None = None,
     use_checkpoint: bool | None = None,
+    forward: Callable = per_example,
 ) -> dict[str, float]:
     """The metrics of the model over `test_ds`, by SCICO's definition.
 
@@ -284,7 +308,12 @@ def only_evaluate(
     """
     _check_test_ds(test_ds, ("image", "label"))
     cfg, state = _restore_state(
-        config, model, model_state, workdir, use_checkpoint=use_checkpoint
+        config,
+        model,
+        model_state,
+        workdir,
+        use_checkpoint=use_checkpoint,
+        forward=check_forward(forward),
     )
     eval_fn = parallel_eval_step(
         cfg.criterion,

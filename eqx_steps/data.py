@@ -19,38 +19,48 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
-from jaxtyping import Array, ArrayLike, PRNGKeyArray
+from jaxtyping import PRNGKeyArray
 
 from ._iterate_data import HostBatch, IterateData as IterateData
-from ._validate import check_int
-from .parallel import device_mesh
+from ._validate import check_int, is_integer_image
+from .parallel import device_mesh, shard
 from .parallel._mesh import host_placer
 from .state import DEVICE_AXIS
 
 
-DeviceBatch = dict[str, Array]
+DeviceBatch = dict[str, Any]
 
 
-def _casts(name: str, x: np.ndarray) -> bool:
-    # Floating entries, and integer (or bool) images: SCICO's iterator casts its
-    # images to `dtype`; integer labels (class indices) keep their dtype.
-    return jnp.issubdtype(x.dtype, jnp.floating) or (
-        name == "image" and not jnp.issubdtype(x.dtype, jnp.complexfloating)
-    )
+def _target_dtypes(
+    dataset: HostBatch, dtype: Any, image_key: str | None
+) -> dict[str, list[Any]]:
+    """The dtype each leaf of each entry of `dataset` is cast to (`None`: kept):
+    floating leaves to `dtype`, the integer image `image_key` (SCICO's cast)
+    too; integer, boolean and complex leaves otherwise keep theirs."""
+    out = {}
+    for name, entry in dataset.items():
+        if dtype is not None and name == image_key and is_integer_image(entry):
+            out[name] = [dtype]
+            continue
+        out[name] = [
+            dtype if dtype is not None and np.issubdtype(x.dtype, np.floating) else None
+            for x in jax.tree_util.tree_leaves(entry)
+        ]
+    return out
 
 
-def _target_dtypes(dataset: HostBatch, dtype: Any) -> dict[str, Any]:
-    """The dtype each entry of `dataset` is cast to (`None`: kept as it is)."""
-    return {
-        name: dtype if dtype is not None and _casts(name, x) else None
-        for name, x in dataset.items()
-    }
-
-
-def _gather(x: np.ndarray, rows: np.ndarray, dtype: Any) -> np.ndarray:
-    """`x[rows]` cast to `dtype` (`None`: kept), in a new array."""
-    out = np.take(x, rows, axis=0)
-    return out if dtype is None else out.astype(dtype, copy=False)
+def _gather(
+    entry: Any, rows: np.ndarray, dtypes: list[Any], lead: tuple[int, ...] | None = None
+) -> Any:
+    """`entry[rows]` for every leaf, cast to its dtype (`None`: kept) and, with
+    `lead`, reshaped to `(*lead, ...)`, in new arrays."""
+    leaves, treedef = jax.tree_util.tree_flatten(entry)
+    out = []
+    for x, dtype in zip(leaves, dtypes):
+        y = np.take(x, rows, axis=0)
+        y = y if dtype is None else y.astype(dtype, copy=False)
+        out.append(y if lead is None else y.reshape(*lead, *x.shape[1:]))
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 class DeviceIter:
@@ -76,6 +86,7 @@ class DeviceIter:
         size_device_prefetch: int,
         dtype: Any,
         steps_per_call: int,
+        image_key: str | None = "image",
     ):
         self.data = data
         self.steps_per_epoch = self.num_batches = data.steps_per_epoch
@@ -101,7 +112,7 @@ class DeviceIter:
             if steps_per_call == 1
             else (steps_per_call, n_local, per_device)
         )
-        self._dtypes = _target_dtypes(data.dataset, dtype)
+        self._dtypes = _target_dtypes(data.dataset, dtype, image_key)
         self._queue: collections.deque[DeviceBatch] = collections.deque()
         self._exhausted = False
 
@@ -134,9 +145,7 @@ class DeviceIter:
         rows = parts[0] if k == 1 else np.concatenate(parts)
         data.step += k
         return {
-            name: _gather(x, rows, self._dtypes[name]).reshape(
-                *self._lead, *x.shape[1:]
-            )
+            name: _gather(x, rows, self._dtypes[name], self._lead)
             for name, x in data.dataset.items()
         }
 
@@ -169,7 +178,7 @@ class DeviceIter:
 
 def create_input_iter(
     key: PRNGKeyArray | int | None,
-    dataset: Mapping[str, ArrayLike],
+    dataset: Mapping[str, Any],
     batch_size: int,
     size_device_prefetch: int = 2,
     dtype: Any = jnp.float32,
@@ -180,6 +189,8 @@ def create_input_iter(
     process_index: int | None = None,
     process_count: int | None = None,
     name: str = "dataset",
+    shuffle: bool = True,
+    image_key: str | None = "image",
 ) -> DeviceIter:
     """Create an iterator of batches sharded over and prefetched to the local devices.
 
@@ -191,10 +202,15 @@ def create_input_iter(
     `"device"`, `size_device_prefetch` batches ahead of the one being used (as
     Flax's `prefetch_to_device`).
 
-    The `"image"` entry is cast to `dtype` whatever its dtype (images of `uint8`
-    and other integer dtypes included, as SCICO's iterator casts them): the
-    models take floating-point inputs. Other integer entries, such as the class
-    indices of a classifier's `"label"`, keep their dtype. Pass the model's
+    An entry may be a PyTree of arrays (a tuple or dict of a model's several
+    inputs): each leaf is handled as an array entry is.
+
+    Integer and boolean leaves keep their dtype (token ids, class indices,
+    masks), with one exception, SCICO's: the `image_key` entry (`"image"`) is
+    cast to `dtype` when it is an integer image, a single array of an unsigned
+    dtype (`uint8` pixels) or with at least two axes per example (`(H, W)`,
+    `(H, W, C)`): the image models take floating-point inputs. Pass
+    `image_key=None` to keep every integer entry as it is. Pass the model's
     floating dtype (e.g. `jnp.float64` for a model built with x64 on).
 
     An evaluation pass (`train=False`) yields the full batches only; when
@@ -210,15 +226,18 @@ def create_input_iter(
     **Arguments:**
 
     - `key`: a PRNG key or int seed for the shuffling (training only).
-    - `dataset`: a dict of arrays with equal leading length.
+    - `dataset`: a dict of arrays (or PyTrees of arrays) with equal leading
+        length.
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `size_device_prefetch`: batches placed ahead (0 places each when asked).
-    - `dtype`: dtype of the floating entries and of `"image"` (`None` keeps them
-        as they are).
+    - `dtype`: dtype of the floating leaves and of an integer image (`None`
+        keeps them as they are).
     - `train`: infinite shuffled iteration, or one ordered pass.
     - `steps_per_call`: batches per item (training only).
     - `start_step`: global step (training) or batch number (evaluation) to start at.
-    - `process_index`, `process_count`, `name`: as for `IterateData`.
+    - `process_index`, `process_count`, `name`, `shuffle`: as for `IterateData`.
+    - `image_key`: the entry cast to `dtype` when it is an integer image (see
+        above), or `None`.
 
     **Returns:**
 
@@ -249,7 +268,125 @@ def create_input_iter(
         process_index=process_index,
         process_count=process_count,
         name=name,
+        shuffle=shuffle,
     )
     return DeviceIter(
-        data, size_device_prefetch=prefetch, dtype=dtype, steps_per_call=k
+        data,
+        size_device_prefetch=prefetch,
+        dtype=dtype,
+        steps_per_call=k,
+        image_key=image_key,
     )
+
+
+class BatchStream:
+    """Batches from an iterable (a user's loader), shaped and cast as
+    `create_input_iter`'s: what `BasicTrainer` draws from when its `train_ds` is
+    an iterable of batches rather than a dict of arrays.
+
+    Each batch is a dict of arrays (or PyTrees of arrays) with a leading example
+    axis, this process's share of the global batch. Its leaves are cast as
+    `create_input_iter` casts them, reshaped to `(n_local_devices, per_device,
+    ...)` by [`eqx_steps.shard`][] and, for `k` steps per call, stacked `k` at a
+    time. When the iterable ends, a re-iterable one (a list, a loader object)
+    starts a new pass; a one-shot iterator ends the run with a `ValueError`.
+    """
+
+    def __init__(
+        self,
+        batches: Any,
+        *,
+        dtype: Any,
+        image_key: str | None,
+        rename: Any = None,
+        name: str = "train_ds",
+    ):
+        self.source = batches
+        self.name = name
+        self.dtype = dtype
+        self.image_key = image_key
+        self.rename = rename or (lambda batch: batch)
+        self._it = iter(batches)
+        self.one_shot = self._it is batches
+        self.step = 0
+        self.passes = 1
+        try:
+            first = next(self._it)
+        except StopIteration:
+            raise ValueError(f"`{name}` yields no batch; pass at least one.") from None
+        self.first = self._check(self.rename(first))
+        self._pending: list[Any] = [self.first]
+
+    def _check(self, batch: Any) -> dict[str, Any]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(
+                f"`{self.name}` yielded a {type(batch).__name__}; each batch must be "
+                "a dict of arrays such as {'image': x, 'label': y}."
+            )
+        return dict(batch)
+
+    def _next_host(self) -> dict[str, Any]:
+        if self._pending:
+            return self._pending.pop()
+        try:
+            return self._check(self.rename(next(self._it)))
+        except StopIteration:
+            if self.one_shot:
+                raise ValueError(
+                    f"`{self.name}` ran out after {self.step} batches, before the run "
+                    "ended: pass an iterable that can be read again (a list, a "
+                    "loader object), an endless one, or a smaller "
+                    "config['num_steps']."
+                ) from None
+        self.passes += 1
+        self._it = iter(self.source)
+        return self._check(self.rename(next(self._it)))
+
+    def _prepare(self, batch: dict[str, Any]) -> Any:
+        out = {}
+        for name, entry in batch.items():
+            image = self.dtype is not None and name == self.image_key
+            if image and is_integer_image(entry):
+                out[name] = entry.astype(self.dtype)
+                continue
+
+            def cast(x: Any) -> Any:
+                floating = jnp.issubdtype(x.dtype, jnp.floating)
+                if self.dtype is None or not floating or x.dtype == self.dtype:
+                    return x
+                return x.astype(self.dtype)
+
+            out[name] = jax.tree_util.tree_map(cast, entry)
+        return shard(out)
+
+    def next_item(self, k: int) -> Any:
+        """The next `k` batches, stacked on a new leading axis when `k > 1`."""
+        items = [self._prepare(self._next_host()) for _ in range(k)]
+        self.step += k
+        if k == 1:
+            return items[0]
+        stack = (
+            np.stack
+            if all(isinstance(x, np.ndarray) for x in jax.tree_util.tree_leaves(items))
+            else jnp.stack
+        )
+        return jax.tree_util.tree_map(lambda *xs: stack(xs), *items)
+
+    def view(self, steps_per_call: int) -> _StreamView:
+        """An iterator of items of `steps_per_call` batches from this stream."""
+        return _StreamView(self, steps_per_call)
+
+
+class _StreamView:
+    def __init__(self, stream: BatchStream, steps_per_call: int):
+        self.stream, self.k = stream, steps_per_call
+
+    @property
+    def step(self) -> int:
+        return self.stream.step
+
+    def __iter__(self) -> _StreamView:
+        return self
+
+    def __next__(self) -> Any:
+        return self.stream.next_item(self.k)

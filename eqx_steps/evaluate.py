@@ -66,7 +66,10 @@ def _on_device(tree: Any, device: Any) -> Any:
 
 
 def _eval_iter(
-    dataset: Mapping[str, Any], batch_size: int, max_batches: int | None = None
+    dataset: Mapping[str, Any],
+    batch_size: int,
+    max_batches: int | None = None,
+    image_key: str | None = "image",
 ) -> tuple[DeviceIter, int, bool]:
     """The evaluation iterator over `dataset`, and what of it a pass runs.
 
@@ -76,7 +79,9 @@ def _eval_iter(
     of full batches to run and whether the smaller last batch runs too, given
     `max_batches` (the smaller last batch counting as one; `None`: all).
     """
-    data = create_input_iter(None, dataset, batch_size, train=False)
+    data = create_input_iter(
+        None, dataset, batch_size, train=False, image_key=image_key
+    )
     total = data.num_batches + bool(data.remainder)
     if max_batches is not None:
         total = min(total, check_int("max_batches", max_batches))
@@ -163,6 +168,7 @@ def evaluate_dataset(
     criterion: Criterion | None = None,
     metrics_fn: MetricsFn | None = None,
     eval_step_fn: StepFn = eval_step,
+    image_key: str | None = "image",
 ) -> dict[str, float]:
     """The metrics of `state` over `dataset`, by SCICO's definition.
 
@@ -179,13 +185,17 @@ def evaluate_dataset(
 
     - `eval_fn`: a function from [`eqx_steps.parallel_eval_step`][].
     - `state`: the state to evaluate.
-    - `dataset`: a dict of arrays with `"image"` and `"label"`.
+    - `dataset`: a dict of arrays with `"image"` and `"label"` (each may be a
+        PyTree of arrays, e.g. a tuple of a model's several inputs).
     - `batch_size`: the global batch size (a multiple of the device count).
     - `max_batches`: stop after this many batches, the smaller last one counting
         as one (SCICO's `steps_per_eval`; `None`: the whole dataset).
     - `criterion`, `metrics_fn`, `eval_step_fn`: those `eval_fn` was built with,
         for the remainder; needed only when `batch_size` does not divide the
         dataset.
+    - `image_key`: the entry cast to floating point when it holds integer
+        images (SCICO's cast, see [`eqx_steps.create_input_iter`][]); `None`
+        keeps every integer entry (token ids) as it is.
 
     **Returns:**
 
@@ -197,7 +207,7 @@ def evaluate_dataset(
     remainder to evaluate and `criterion` or `metrics_fn` is missing.
     """
     check_dataset("dataset", dataset)
-    data, n_full, with_rest = _eval_iter(dataset, batch_size, max_batches)
+    data, n_full, with_rest = _eval_iter(dataset, batch_size, max_batches, image_key)
     if with_rest and (criterion is None or metrics_fn is None):
         raise ValueError(
             f"`dataset` has {data.data.n} examples, not a multiple of `batch_size` = "

@@ -112,6 +112,67 @@ def _call(model: PyTree, x: Any, key: Any, state: eqx.nn.State | None) -> Any:
     return y, _as_state(state, eqx.nn.State)
 
 
+def _call_args(model: PyTree, x: Any, key: Any, state: eqx.nn.State | None) -> Any:
+    """`model(*x, state, key=key)`, leaving out `state` and `key` when `None`."""
+    kwargs = {} if key is None else {"key": key}
+    if state is None:
+        return model(*x, **kwargs), None
+    y, state = model(*x, _as_state(state, _MeshSafeState), **kwargs)
+    return y, _as_state(state, eqx.nn.State)
+
+
+def _call_kwargs(model: PyTree, x: Any, key: Any, state: eqx.nn.State | None) -> Any:
+    """`model(**x, state=state, key=key)`, leaving out `state` and `key` when
+    `None`."""
+    kwargs = {} if key is None else {"key": key}
+    if state is None:
+        return model(**x, **kwargs), None
+    y, state = model(**x, state=_as_state(state, _MeshSafeState), **kwargs)
+    return y, _as_state(state, eqx.nn.State)
+
+
+def check_inputs_layout(forward: Callable, x: Any, name: str) -> None:
+    """Raise a clear error when `x` is not what `forward` unpacks: a tuple (or
+    list) for `per_example_args`, a dict with string keys for
+    `per_example_kwargs`."""
+    if forward is per_example_args and not isinstance(x, (tuple, list)):
+        raise TypeError(
+            f"forward=per_example_args calls `model(*inputs)`, so `{name}` must be "
+            f"a tuple of arrays (one per input), got {type(x).__name__}; build the "
+            "batch as {'image': (x1, x2), 'label': y}, or use forward=per_example "
+            "for a model of one input."
+        )
+    if forward is per_example_kwargs and not (
+        isinstance(x, Mapping) and all(isinstance(k, str) for k in x)
+    ):
+        raise TypeError(
+            f"forward=per_example_kwargs calls `model(**inputs)`, so `{name}` must "
+            f"be a dict of arrays keyed by argument name, got {type(x).__name__}; "
+            "build the batch as {'image': {'x': x, 't': t}, 'label': y}."
+        )
+
+
+def _vmapped(
+    call: Callable,
+    model: PyTree,
+    model_state: eqx.nn.State | None,
+    x: Any,
+    key: PRNGKeyArray | None,
+    inference: bool,
+) -> tuple[PyTree[Array], eqx.nn.State | None]:
+    if inference:
+        model = eqx.nn.inference_mode(model)
+    n = jax.tree_util.tree_leaves(x)[0].shape[0]
+    keys = None if key is None else jr.split(key, n)
+    key_axis = None if keys is None else 0
+    return jax.vmap(
+        functools.partial(call, model),
+        in_axes=(0, key_axis, None),
+        out_axes=(0, None),
+        axis_name=BATCH_AXIS,
+    )(x, keys, model_state)
+
+
 def per_example(
     model: PyTree,
     model_state: eqx.nn.State | None,
@@ -127,6 +188,12 @@ def per_example(
     computes statistics over the examples of this device. The model is called as
     `model(x_i, model_state, key=k_i)`, leaving out `model_state` when it is `None`
     and `key` when it is `None`; each example gets its own key, split from `key`.
+
+    The input is passed as one argument, as SCICO calls its models
+    (`model(batch["image"])`), even when it is a tuple or dict; a model of
+    several inputs takes them unpacked with [`eqx_steps.per_example_args`][]
+    (`model(*inputs)`) or [`eqx_steps.per_example_kwargs`][]
+    (`model(**inputs)`). Integer and boolean inputs are passed as they are.
 
     Stock Equinox stateful layers work in every backend, `eqx.nn.BatchNorm` in
     both modes included: with jax 0.10, `eqx.nn.BatchNorm(mode="ema")` fails
@@ -148,17 +215,70 @@ def per_example(
     A 2-tuple of the batched output and the updated `model_state` (unchanged in
     inference mode, `None` when it was `None`).
     """
-    if inference:
-        model = eqx.nn.inference_mode(model)
-    n = jax.tree_util.tree_leaves(x)[0].shape[0]
-    keys = None if key is None else jr.split(key, n)
-    key_axis = None if keys is None else 0
-    return jax.vmap(
-        functools.partial(_call, model),
-        in_axes=(0, key_axis, None),
-        out_axes=(0, None),
-        axis_name=BATCH_AXIS,
-    )(x, keys, model_state)
+    return _vmapped(_call, model, model_state, x, key, inference)
+
+
+def per_example_args(
+    model: PyTree,
+    model_state: eqx.nn.State | None,
+    x: tuple[PyTree[Array], ...],
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[PyTree[Array], eqx.nn.State | None]:
+    """Apply a model of several inputs to each example: `model(*inputs)`.
+
+    As [`eqx_steps.per_example`][], for a model called as `model(x, t)`: the
+    input of the batch (`batch["image"]`) is a tuple `(x, t)` of arrays with a
+    leading example axis, and each example is passed unpacked, as
+    `model(x_i, t_i, model_state, key=k_i)` (leaving out `model_state` and `key`
+    when they are `None`). Integer inputs (token ids, class indices) are passed
+    as they are.
+
+    !!! example
+
+        ```python
+        batch = {"image": (x, t), "label": y}   # x: (n, 8), t: (n,) int32
+        state = TrainState.create(model, tx, forward=es.per_example_args)
+        ```
+
+    **Arguments:** as for [`eqx_steps.per_example`][]; `x` is a tuple (or list)
+    of PyTrees of arrays.
+
+    **Returns:**
+
+    A 2-tuple of the batched output and the updated `model_state`.
+    """
+    check_inputs_layout(per_example_args, x, "batch['image']")
+    return _vmapped(_call_args, model, model_state, tuple(x), key, inference)
+
+
+def per_example_kwargs(
+    model: PyTree,
+    model_state: eqx.nn.State | None,
+    x: Mapping[str, PyTree[Array]],
+    *,
+    key: PRNGKeyArray | None = None,
+    inference: bool = False,
+) -> tuple[PyTree[Array], eqx.nn.State | None]:
+    """Apply a model of several named inputs to each example: `model(**inputs)`.
+
+    As [`eqx_steps.per_example`][], for a model called with keyword arguments:
+    the input of the batch (`batch["image"]`) is a dict such as
+    `{"tokens": ids, "mask": mask}`, and each example is passed as
+    `model(tokens=ids_i, mask=mask_i, state=model_state, key=k_i)` (leaving out
+    `state` and `key` when they are `None`: a stateful model takes its
+    `eqx.nn.State` as the keyword `state`).
+
+    **Arguments:** as for [`eqx_steps.per_example`][]; `x` is a dict of PyTrees
+    of arrays keyed by argument name.
+
+    **Returns:**
+
+    A 2-tuple of the batched output and the updated `model_state`.
+    """
+    check_inputs_layout(per_example_kwargs, x, "batch['image']")
+    return _vmapped(_call_kwargs, model, model_state, dict(x), key, inference)
 
 
 def whole_batch(
@@ -231,8 +351,10 @@ class TrainState(eqx.Module):
         - `key`: a PRNG key for stochastic layers; each step, device and example
             gets its own key derived from it. `None` passes no key to the model.
         - `forward`: how the model is applied to a per-device batch:
-            [`eqx_steps.per_example`][] (default) or [`eqx_steps.whole_batch`][], or
-            any function with their signature.
+            [`eqx_steps.per_example`][] (default, `model(x)`),
+            [`eqx_steps.per_example_args`][] (`model(*inputs)`),
+            [`eqx_steps.per_example_kwargs`][] (`model(**inputs)`) or
+            [`eqx_steps.whole_batch`][], or any function with their signature.
         - `trainable`: an Equinox filter spec selecting the optimised leaves
             (a callable on leaves, or a PyTree of bools); default
             `eqx.is_inexact_array`.
@@ -338,6 +460,34 @@ class _UnknownOptimizerError(ValueError, NotImplementedError):
     """
 
 
+def _is_prng_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and (
+        jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+        or (x.dtype == jnp.uint32 and x.shape == (2,))
+    )
+
+
+def _refuses_scico_call_order(fn: Callable) -> Callable:
+    """Name the fix when `fn` is called as SCICO's `create_basic_train_state(key,
+    config, model, ishape, learning_rate_fn)`."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        if len(args) > 3 or (args and _is_prng_key(args[0])):
+            raise TypeError(
+                "create_basic_train_state was called as SCICO's "
+                "`create_basic_train_state(key, config, model, ishape, "
+                "learning_rate_fn)`; eqx_steps takes (config, model, lr_fn): an "
+                "Equinox model arrives initialised, so the key and the input shape "
+                "are not needed (pass a key for dropout as `key=`). See the "
+                "migration guide (docs/migrating-from-scico.md)."
+            )
+        return fn(*args, **kwargs)
+
+    return checked
+
+
+@_refuses_scico_call_order
 def create_basic_train_state(
     config: Mapping[str, Any],
     model: PyTree,

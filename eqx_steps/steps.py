@@ -8,6 +8,8 @@ device.
 
 from __future__ import annotations
 
+import inspect
+import warnings
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any
 
@@ -20,8 +22,17 @@ from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._axis_check import check_axis_names
 from ._model_checks import check_model_state, ModelStateError
+from ._validate import is_integer_image
 from .schedules import as_schedule
-from .state import per_example, TrainState, whole_batch
+from .state import (
+    BATCH_AXIS,
+    check_inputs_layout,
+    per_example,
+    per_example_args,
+    per_example_kwargs,
+    TrainState,
+    whole_batch,
+)
 
 
 AxisName = Hashable | Sequence[Hashable] | None
@@ -84,17 +95,64 @@ def _model_dtypes(model: PyTree) -> set[Any]:
     return {jnp.dtype(x.dtype) for x in leaves}
 
 
-def _check_inputs(state: TrainState, batch: Batch) -> None:
+STOCK_FORWARDS = (per_example, whole_batch, per_example_args, per_example_kwargs)
+
+
+def _name(model: Any) -> str:
+    return getattr(model, "__name__", None) or type(model).__name__
+
+
+def _signature(model: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(model)
+    except (TypeError, ValueError):
+        return None
+
+
+def check_key_convention(model: Any, key: Any, *, training: bool) -> None:
+    """Raise a `TypeError` naming the fix when the model's call signature does
+    not fit how the stock `forward`s pass `key` (only when a key is given, and
+    never at evaluation)."""
+    sig = _signature(model)
+    if sig is None:
+        return
+    params = sig.parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    param = params.get("key")
+    call = f"`{_name(model)}.__call__{sig}`"
+    if param is not None and param.kind not in (param.VAR_POSITIONAL,):
+        if param.default is param.empty:
+            raise TypeError(
+                f"{call} requires `key`, but evaluation (and a state without a key) "
+                "calls the model without one: `__call__` must accept `key=None` "
+                "(e.g. `def __call__(self, x, *, key=None)`, as Equinox's layers "
+                "do), and use the key only when it is given."
+            )
+        return
+    if training and key is not None and not takes_any:
+        raise TypeError(
+            f"the state holds a PRNG key (TrainState.create(..., key=...), "
+            f"BasicTrainer(..., key=...)), so the steps call the model with `key=`, "
+            f"but {call} takes no `key`: do not pass `key` (leave it None) for a "
+            "model without random layers, or give `__call__` a `key=None` "
+            "parameter and hand it to its Dropout layers."
+        )
+
+
+def _check_inputs(state: TrainState, batch: Batch, *, training: bool = True) -> None:
     """Check what the stock `forward`s hand the model, before it is traced.
 
-    With [`eqx_steps.per_example`][] or [`eqx_steps.whole_batch`][] (a custom
-    `forward` may convert its inputs itself): the model is callable, its
-    `model_state` belongs to it, and every leaf of `batch["image"]` has a
-    floating dtype, the model's when all of its floating leaves share one (XLA's
-    convolutions refuse mixed dtypes). Runs when a step is traced, so it costs
-    nothing per call.
+    With a stock `forward` ([`eqx_steps.per_example`][],
+    [`eqx_steps.per_example_args`][], [`eqx_steps.per_example_kwargs`][],
+    [`eqx_steps.whole_batch`][]; a custom `forward` may convert its inputs
+    itself): the model is callable, its `model_state` belongs to it, its call
+    signature fits the key convention, the input has the layout the `forward`
+    unpacks, and every floating leaf of `batch["image"]` has the model's
+    floating dtype when all of its floating leaves share one (XLA's convolutions
+    refuse mixed dtypes). Integer and boolean leaves (token ids, masks) are
+    passed as they are. Runs when a step is traced, so it costs nothing per call.
     """
-    if state.forward not in (per_example, whole_batch):
+    if state.forward not in STOCK_FORWARDS:
         return
     if not callable(state.model):
         raise TypeError(
@@ -104,17 +162,25 @@ def _check_inputs(state: TrainState, batch: Batch) -> None:
             "knows how to apply it."
         )
     check_model_state(state.model, state.model_state, "state.model_state")
+    check_key_convention(state.model, state.key, training=training)
+    check_inputs_layout(state.forward, batch["image"], "batch['image']")
     dtypes = _model_dtypes(state.model)
-    for path, x in jax.tree_util.tree_flatten_with_path(batch["image"])[0]:
+    image = batch["image"]
+    if state.forward in (per_example, whole_batch) and is_integer_image(image):
+        want = next(iter(dtypes)) if len(dtypes) == 1 else jnp.dtype(jnp.float32)
+        raise ValueError(
+            f"`batch['image']` has dtype {jnp.result_type(image)}: integer images "
+            f"(pixel values), but the model takes floating-point inputs; cast the "
+            f"images first, e.g. `images.astype(jnp.{want})` (create_input_iter, "
+            "and so BasicTrainer, casts integer images as SCICO does). Integer "
+            "inputs that are not images (token ids: a signed integer array of "
+            "shape (n, T)) are passed as they are."
+        )
+    for path, x in jax.tree_util.tree_flatten_with_path(image)[0]:
         dtype = jnp.result_type(x)
         name = f"batch['image']{jax.tree_util.keystr(path)}"
         if not jnp.issubdtype(dtype, jnp.inexact):
-            want = next(iter(dtypes)) if len(dtypes) == 1 else jnp.dtype(jnp.float32)
-            raise ValueError(
-                f"`{name}` has dtype {dtype}, but the model takes floating-point "
-                f"inputs; cast the images first, e.g. `images.astype(jnp.{want})` "
-                "(create_input_iter, and so BasicTrainer, casts integer images)."
-            )
+            continue  # token ids, class indices, masks: the model's business
         if len(dtypes) == 1 and dtype not in dtypes:
             want = next(iter(dtypes))
             raise ValueError(
@@ -135,7 +201,8 @@ def _apply_forward(
 ) -> tuple[PyTree, eqx.nn.State | None]:
     """`state.forward(model, state.model_state, x, **kwargs)`, naming the batch when
     the model cannot take it (an error raised while tracing the model, e.g. a
-    shape mismatch inside a layer). Runs when a step is traced: no cost per call.
+    shape mismatch inside a layer), and the state's key when a random layer
+    needs one. Runs when a step is traced: no cost per call.
     """
     try:
         return state.forward(model, state.model_state, x, **kwargs)
@@ -144,15 +211,108 @@ def _apply_forward(
     except NameError as e:  # a layer's collective over an axis no step binds
         check_axis_names(model, e)
         raise
+    except RuntimeError as e:
+        if "requires a key" not in str(e):
+            raise
+        raise RuntimeError(
+            f"a random layer of the model needs a key in training ({e}); the steps "
+            "pass one only when the state holds a PRNG key: create the state with "
+            "`TrainState.create(model, tx, key=jax.random.key(0))` (or "
+            "`BasicTrainer(..., key=jax.random.key(0))`); each step, device and "
+            "example then gets its own key."
+        ) from e
     except (TypeError, ValueError) as e:
         check_axis_names(model, e)
         first = (str(e).strip().splitlines() or [""])[0]
+        ints = any(
+            not jnp.issubdtype(jnp.result_type(a), jnp.inexact)
+            for a in jax.tree_util.tree_leaves(x)
+        )
+        hint = (
+            " Integer inputs are passed as they are (token ids): cast images with "
+            "`images.astype(jnp.float32)`."
+            if ints
+            else ""
+        )
         raise ValueError(
             f"the model cannot take `batch['image']` of {_describe(x)} (per device) "
             f"({type(e).__name__}: {first}); give each example the shape and dtype "
-            "the model takes (channels last, (H, W, C) for the reference models), or "
-            "pass a `forward` that adapts the batch."
+            "the model takes (channels last, (H, W, C) for the reference models), "
+            "pass a model of several inputs its inputs as a tuple with "
+            "forward=eqx_steps.per_example_args, or pass a `forward` that adapts "
+            f"the batch.{hint}"
         ) from e
+
+
+def _criterion(
+    fn: Callable[..., Any], name: str, output: PyTree, label: PyTree, *rest: Any
+) -> Any:
+    """`fn(output, label, *rest)`, naming reversed arguments when the call fails
+    and `fn(label, output, *rest)` traces (runs when the step is traced)."""
+    try:
+        return fn(output, label, *rest)
+    except (TypeError, ValueError) as e:
+        try:
+            jax.eval_shape(lambda a, b: fn(a, b, *rest), label, output)
+        except Exception:  # noqa: BLE001 - not reversed: the original error stands
+            raise e from None
+        raise ValueError(
+            f"`{name}` fails on (output, label) ({type(e).__name__}: "
+            f"{(str(e).strip().splitlines() or [''])[0]}) but works on (label, "
+            "output): its arguments look reversed. The steps call "
+            f"`{name}(output, label)` (the model's output first, as optax's losses "
+            "take (predictions, targets)): swap its parameters."
+        ) from e
+
+
+class BatchStatisticsWarning(UserWarning):
+    """BatchNorm layers compute their statistics per device on several devices.
+
+    Raised (as a warning, once per compiled step) by the training steps when the
+    model's `eqx.nn.BatchNorm` layers have `axis_name="batch"` alone and the
+    step runs on more than one device: each device then normalises over its own
+    share of the batch (SCICO's and Flax's behaviour), where a plain Equinox loop
+    under `jax.jit` normalises over the whole batch. `axis_name=("device",
+    "batch")` gives whole-batch statistics on any device count. The reference
+    models of `eqx_steps.models` keep SCICO's per-device statistics by design and
+    raise no warning.
+    """
+
+
+def _batch_norms_per_device(model: PyTree) -> list[str]:
+    """The paths of the `eqx.nn.BatchNorm` layers with `axis_name="batch"` alone,
+    except this library's reference models' (SCICO's architectures, whose
+    per-device statistics are SCICO's by design and documented)."""
+    is_bn = lambda x: isinstance(x, eqx.nn.BatchNorm)  # noqa: E731
+    return [
+        jax.tree_util.keystr(path) or "(the model)"
+        for path, layer in jax.tree_util.tree_flatten_with_path(model, is_leaf=is_bn)[0]
+        if is_bn(layer)
+        and layer.axis_name == BATCH_AXIS
+        and not type(layer).__module__.startswith("eqx_steps.")
+    ]
+
+
+def _warn_per_device_statistics(model: PyTree, axis_name: AxisName) -> None:
+    """Warn (once per compiled step) when BatchNorm layers normalise over each
+    device's examples only while the step runs on several devices."""
+    if _no_collective(axis_name):
+        return
+    layers = _batch_norms_per_device(model)
+    if layers:
+        warnings.warn(
+            f"the model's BatchNorm layers {', '.join(layers[:3])} normalise over "
+            f'`axis_name="batch"` alone: on these {jax.lax.axis_size(axis_name)} '
+            "devices each computes its statistics over its own share of the batch "
+            "(SCICO's and Flax's behaviour), unlike a plain Equinox loop under "
+            "jit, which normalises over the whole batch. Build them with "
+            '`axis_name=("device", "batch")` for whole-batch statistics (the '
+            "same on any device count), or silence this with "
+            "`warnings.filterwarnings('ignore', "
+            "category=eqx_steps.BatchStatisticsWarning)`.",
+            BatchStatisticsWarning,
+            stacklevel=2,
+        )
 
 
 def _no_collective(axis_name: AxisName) -> bool:
@@ -204,19 +364,25 @@ def _is_injected(s: Any) -> bool:
     return isinstance(getattr(s, "hyperparams", None), dict)
 
 
-def _injected_learning_rate(opt_state: optax.OptState) -> Scalar:
+def _injected_learning_rate(opt_state: optax.OptState) -> Scalar | None:
+    """The learning rate an `optax.inject_hyperparams` optimizer holds (the first
+    one), or `None`."""
     found = [
         s.hyperparams["learning_rate"]
         for s in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected)
         if _is_injected(s) and "learning_rate" in s.hyperparams
     ]
-    if not found:
+    return jnp.asarray(found[0], jnp.float32) if found else None
+
+
+def _check_trainable(params: PyTree, model: Any) -> None:
+    if not jax.tree_util.tree_leaves(params):
         raise ValueError(
-            "`learning_rate_fn` is None but the optimizer state holds no injected "
-            "learning rate; pass the schedule as `learning_rate_fn`, or build the "
-            "optimizer with `optax.inject_hyperparams(optax.adam)(learning_rate=...)`."
+            f"the model ({_name(model)}) has no trainable array: nothing to "
+            "optimise. Pass an Equinox module holding parameters (e.g. "
+            "`eqx.nn.MLP(...)`, not a plain function), or a `trainable` filter that "
+            "selects some of its floating-point arrays."
         )
-    return jnp.asarray(found[0], jnp.float32)
 
 
 def train_step(
@@ -247,42 +413,74 @@ def train_step(
     - `learning_rate_fn`: the schedule (or a constant learning rate, a float),
         evaluated at the step before the update for the `"learning_rate"` metric;
         `None` reads the learning rate from an optimizer built with
-        `optax.inject_hyperparams`.
-    - `criterion`: the loss, `criterion(output, label) -> scalar`.
+        `optax.inject_hyperparams`, and records none for another optimizer.
+    - `criterion`: the loss, `criterion(output, label) -> scalar` (the model's
+        output first; a criterion that fails so but works with its arguments
+        swapped is named as reversed).
     - `metrics_fn`: `metrics_fn(output, label, criterion) -> dict` of scalars.
     - `axis_name`: the collective axis to average over (`"device"`), or `None`.
 
     **Returns:**
 
     A 2-tuple of the new state (`step` + 1) and the metrics, averaged over
-    `axis_name`, with `"learning_rate"` added.
+    `axis_name`, with `"learning_rate"` added (unless `learning_rate_fn` is
+    `None` and the optimizer holds no learning rate).
+
+    **Raises** (when the step is traced, naming the fix): a model with no
+    trainable array, a call signature that does not fit the key convention
+    (`__call__` must accept `key=None`; no `key` parameter while the state holds
+    a key), a random layer (Dropout) without a key, a criterion with reversed
+    arguments. On more than one device, BatchNorm layers with
+    `axis_name="batch"` alone give a warning: their statistics are per device
+    (`axis_name=("device", "batch")` makes them whole-batch).
     """
     _check_batch(batch)
     _check_inputs(state, batch)
     schedule = as_schedule(learning_rate_fn)
     x, label = batch["image"], batch["label"]
     params, static = eqx.partition(state.model, state.trainable)
+    _check_trainable(params, state.model)
+    _warn_per_device_statistics(state.model, axis_name)
     key = _step_key(state, axis_name)
 
     def loss_fn(params):
         model = eqx.combine(params, static)
         output, model_state = _apply_forward(state, model, x, key=key)
-        return criterion(output, label), (output, model_state)
+        loss = _criterion(criterion, "criterion", output, label)
+        if jnp.shape(loss) != ():
+            raise ValueError(
+                f"`criterion` returned an array of shape {jnp.shape(loss)}; it must "
+                "return a scalar loss (e.g. the mean over the batch)."
+            )
+        return loss, (output, model_state)
 
     (_, (output, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         params
     )
     if not getattr(state.tx, "reduces_gradients", False):  # ZeRO reduce-scatters
         grads = _pmean(grads, axis_name)
-    metrics = dict(_pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    metrics = _metrics(metrics_fn, output, label, criterion, axis_name)
     new_state = state.apply_gradients(
         grads, model_state=_mean_model_state(model_state, axis_name)
     )
     if schedule is None:
-        metrics["learning_rate"] = _injected_learning_rate(new_state.opt_state)
+        rate = _injected_learning_rate(new_state.opt_state)
+        if rate is not None:
+            metrics["learning_rate"] = rate
     else:
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
     return new_state, metrics
+
+
+def _metrics(
+    metrics_fn: MetricsFn,
+    output: PyTree,
+    label: PyTree,
+    criterion: Criterion,
+    axis_name: AxisName,
+) -> Metrics:
+    found = _criterion(metrics_fn, "metrics_fn", output, label, criterion)
+    return dict(_pmean(dict(found), axis_name))
 
 
 def _apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyTree:
@@ -362,7 +560,8 @@ def eval_step(
     """Evaluate the model on one device's share of a batch, changing nothing.
 
     SCICO's `eval_step`: the model runs in inference mode
-    (`eqx.nn.inference_mode`: BatchNorm uses its running statistics) on the
+    (`eqx.nn.inference_mode` applied to the model itself, so whatever the
+    `forward`: Dropout is off, BatchNorm uses its running statistics) on the
     device's batch, and the metrics are `metrics_fn` on that whole batch,
     averaged over `axis_name`. [`eqx_steps.evaluate_dataset`][] combines them
     over the batches of a dataset.
@@ -381,7 +580,10 @@ def eval_step(
     The dict of metrics.
     """
     _check_batch(batch)
-    _check_inputs(state, batch)
+    _check_inputs(state, batch, training=False)
     x, label = batch["image"], batch["label"]
-    output, _ = _apply_forward(state, state.model, x, inference=True)
-    return dict(_pmean(dict(metrics_fn(output, label, criterion)), axis_name))
+    # Inference mode on the model itself (Dropout off, BatchNorm's running
+    # statistics), whatever the `forward` does with its `inference` flag.
+    model = eqx.nn.inference_mode(state.model)
+    output, _ = _apply_forward(state, model, x, inference=True)
+    return _metrics(metrics_fn, output, label, criterion, axis_name)

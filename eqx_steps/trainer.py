@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+import typing
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sized
 from typing import Any
 
 import equinox as eqx
@@ -37,19 +39,107 @@ from ._hooks import (
     StepInfo as StepInfo,
 )
 from ._preempt import StopRequests, TrainingInterrupted as TrainingInterrupted
-from ._trainer_setup import call_size, initial_state, reads_injected_rate, train_fns
-from ._validate import check_dataset, check_divisible, check_int
+from ._trainer_setup import call_size, initial_state, train_fns
+from ._validate import (
+    check_dataset,
+    check_divisible,
+    check_int,
+    DATA_KEYS,
+    is_integer_image,
+)
 from .checkpoint import checkpoint_save
-from .data import create_input_iter, DeviceIter
+from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
 from .schedules import as_schedule
-from .state import per_example, TrainState
+from .state import per_example, TrainState, whole_batch
+from .steps import eval_step, train_step
 
 
 METRICS_FILE = "metrics.jsonl"
 """The file in `workdir` that the trainer appends a record to at each log point
 (when `config["log"]`); it has no other writer."""
+
+
+def _is_iterable(x: Any) -> bool:
+    return isinstance(x, Iterable) and not isinstance(x, (str, bytes, np.ndarray))
+
+
+def check_model(model: Any) -> None:
+    """Refuse a model with no floating-point array to train (e.g. a plain
+    function)."""
+    if not jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
+        raise TypeError(
+            f"`model` ({getattr(model, '__name__', type(model).__name__)}) holds no "
+            "trainable array (no floating-point array leaf): nothing to train. "
+            "Pass an Equinox module with parameters, e.g. "
+            "`eqx.nn.MLP(..., key=jax.random.key(0))`, not a plain function."
+        )
+
+
+def _as_step_batch(name: str, data: Any, keys: tuple[str, str]) -> dict[str, Any]:
+    """`data` with its input and target under the names the steps read, `"image"`
+    and `"label"` (other entries kept)."""
+    check_dataset(name, data, keys)
+    if keys == DATA_KEYS:
+        return dict(data)
+    for k in DATA_KEYS:
+        if k in data and k not in keys:
+            raise ValueError(
+                f"`{name}` has an entry {k!r} beside the input {keys[0]!r} and the "
+                f"target {keys[1]!r}; the steps read the input as {DATA_KEYS[0]!r} "
+                f"and the target as {DATA_KEYS[1]!r}: rename that entry."
+            )
+    rest = {k: v for k, v in data.items() if k not in keys}
+    return {"image": data[keys[0]], "label": data[keys[1]], **rest}
+
+
+def _warn_unscaled_images(images: Any, is_image: bool) -> None:
+    """Warn when the input images' range is clearly not [0, 1] (SCICO's cast of
+    integer images keeps their values: 0..255 stays 0..255)."""
+    if isinstance(images, (tuple, list, Mapping)) or not hasattr(images, "dtype"):
+        return
+    floating = np.issubdtype(np.dtype(images.dtype), np.floating)
+    if not (floating or (is_image and is_integer_image(images))):
+        return
+    if np.ndim(images) < 3:  # vectors, not images
+        return
+    sample = np.asarray(images[:256])
+    if sample.size == 0:
+        return
+    low, high = float(sample.min()), float(sample.max())
+    if high > _IMAGE_RANGE_LIMIT or low < -_IMAGE_RANGE_LIMIT:
+        warnings.warn(
+            f"the input images range over [{low:g}, {high:g}] (dtype "
+            f"{images.dtype}), clearly not [0, 1]: they are cast to floating point "
+            "with their values kept (as SCICO does), so losses, learning rates and "
+            "noise levels act on that scale. Scale them first if that is not "
+            "meant, e.g. `images.astype(np.float32) / 255`.",
+            stacklevel=3,
+        )
+
+
+_IMAGE_RANGE_LIMIT = 10.0
+"""Input images with a value beyond +-this are clearly not in [0, 1]."""
+
+
+def _warn_unused_entries(cfg: TrainConfig, train: Any, test: Any) -> None:
+    stock = cfg.train_step_fn is train_step and cfg.eval_step_fn is eval_step
+    if not stock:
+        return
+    for name, data in (("train_ds", train), ("test_ds", test)):
+        if data is None:
+            continue
+        extra = sorted(k for k in data if k not in DATA_KEYS)
+        if extra:
+            warnings.warn(
+                f"`{name}` has entries {extra} that the stock steps do not read "
+                f"(they read the input {cfg.input_key!r} and the target "
+                f"{cfg.target_key!r}): they are copied to the devices with every "
+                "batch and unused. Drop them, or read them in a custom "
+                "`train_step_fn`/`eval_step_fn` (each batch holds them).",
+                stacklevel=3,
+            )
 
 
 class BasicTrainer:
@@ -61,8 +151,10 @@ class BasicTrainer:
 
     **Attributes** (SCICO's): `state`, `steps_per_epoch`, `num_steps`,
     `batch_size`, `log_every_steps`, `steps_per_checkpoint`, `lr_schedule`,
-    `ishape` (the shape of one input example, `train_ds["image"].shape[1:]`;
-    SCICO's holds the spatial part only, to initialise a Flax model),
+    `ishape` (the shape of one input example, `train_ds["image"].shape[1:]`,
+    `(H, W, C)` for images; for a tuple or dict input, the same tuple or dict
+    of shapes; SCICO's holds the spatial part `(H, W)` only, to initialise a
+    Flax model: see the migration guide),
     `train_dt_iter` and `eval_dt_iter` (the training iterator at the state's
     step, one batch per item, which `train()` draws from; one pass over the test
     set), and `history`.
@@ -87,8 +179,8 @@ class BasicTrainer:
         self,
         config: Mapping[str, Any] | TrainConfig,
         model: PyTree,
-        train_ds: Mapping[str, Any],
-        test_ds: Mapping[str, Any],
+        train_ds: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+        test_ds: Mapping[str, Any] | None = None,
         *,
         model_state: eqx.nn.State | None = None,
         key: PRNGKeyArray | None = None,
@@ -102,16 +194,32 @@ class BasicTrainer:
         - `config`: a [`eqx_steps.ConfigDict`][] (SCICO's keys) or a
             [`eqx_steps.TrainConfig`][].
         - `model`: the initialised Equinox model; it takes one example.
-        - `train_ds`, `test_ds`: dicts of arrays with equal leading length and keys
-            `"image"` and `"label"`.
+        - `train_ds`: a dict of arrays with equal leading length, with the
+            input (`config["input_key"]`, default `"image"`) and the target
+            (`config["target_key"]`, default `"label"`); an entry may be a PyTree
+            of arrays (a tuple of a model's several inputs). Or an iterable of
+            such dicts, each one batch (this process's share of it, of any
+            size that divides over the local devices): a user's own loader. A
+            re-iterable one (a list, a loader object) starts a new pass when it
+            ends; one without a length needs `config["num_steps"]`; a resumed run
+            reads on from where the iterable is (it does not skip batches).
+        - `test_ds`: a dict as `train_ds`, or `None` (no evaluation: the records
+            hold the train metrics only). Entries beyond the input and the
+            target reach a custom `train_step_fn`/`eval_step_fn` in each batch;
+            with the stock steps, which do not read them, a warning names them.
         - `model_state`, `key`, `trainable`, `forward`: as for
             [`eqx_steps.TrainState.create`][] (the model's `eqx.nn.State`; a PRNG
             key for dropout; the filter of the optimised leaves; how the model is
-            applied to a batch).
+            applied to a batch: [`eqx_steps.per_example_args`][] for a tuple
+            input `model(x, t)`). With the default `forward` (or `whole_batch`),
+            an integer image input is cast to floating point as SCICO casts it;
+            other integer inputs (token ids) and every input of another
+            `forward` keep their dtype.
         - `tx`: a ready optax optimizer. Then `config["opt_type"]`, `"momentum"`
             and `"create_train_state"` are not used, and the `learning_rate`
             metric is read from `tx`'s state when it was built with
-            `optax.inject_hyperparams` (else it is `config["lr_schedule"]`'s).
+            `optax.inject_hyperparams`; otherwise none is recorded (the config's
+            `lr_schedule` is not what `tx` follows).
             Without `tx`, `config["create_train_state"]` builds the state, and
             `key`, `trainable` and `forward`, when given, re-create it from its
             model, model state and optimizer.
@@ -123,16 +231,34 @@ class BasicTrainer:
         and the temporary folders of saves that were interrupted are removed.
         """
         self.config = cfg = TrainConfig.from_dict(config)
-        check_dataset("train_ds", train_ds)
-        check_dataset("test_ds", test_ds)
+        keys = (cfg.input_key, cfg.target_key)
+        check_model(model)
+        self.stream: BatchStream | None = None
+        if not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
+            self.stream = BatchStream(
+                train_ds,
+                dtype=None,  # set below, once the model's dtype is known
+                image_key=None,
+                rename=lambda batch: _as_step_batch("train_ds", batch, keys),
+            )
+            first = self.stream.first
+        else:
+            check_dataset("train_ds", train_ds, keys)
+            first = train_ds = _as_step_batch("train_ds", train_ds, keys)
+        if test_ds is not None:
+            check_dataset("test_ds", test_ds, keys)
+            test_ds = _as_step_batch("test_ds", test_ds, keys)
         n = jax.device_count()
         self.batch_size = check_divisible(
             "config['batch_size']", cfg.batch_size or 2 * n, n, "devices"
         )
         self.data_key, _ = jax.random.split(jax.random.key(cfg.seed))
         self.train_ds, self.test_ds = train_ds, test_ds
-        self.ishape = tuple(np.shape(train_ds["image"])[1:])
-        # The iterators validate the data (lengths, enough examples for a batch).
+        # One input example's shape: a tuple for an array input, the same PyTree
+        # of tuples for a model of several inputs.
+        self.ishape = jax.tree_util.tree_map(
+            lambda x: tuple(np.shape(x)[1:]), first["image"]
+        )
         # Inputs in the model's floating dtype (integer images are cast, as SCICO's
         # iterator casts them; float64 under x64 stays float64 for such a model).
         floats = {
@@ -140,17 +266,38 @@ class BasicTrainer:
             for x in jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array))
         }
         self.dtype = floats.pop() if len(floats) == 1 else jax.numpy.dtype("float32")
-        self.eval_dt_iter = create_input_iter(
-            self.data_key,
-            test_ds,
-            self.batch_size,
-            train=False,
-            dtype=self.dtype,
-            name="test_ds",
+        # SCICO's cast of integer images applies where the input is an image by
+        # the default convention: one array, handed to the model as it is.
+        self.image_key = "image" if forward in (per_example, whole_batch) else None
+        _warn_unscaled_images(first["image"], self.image_key is not None)
+        _warn_unused_entries(cfg, first, test_ds)
+        self.eval_dt_iter = (
+            None
+            if test_ds is None
+            else create_input_iter(
+                self.data_key,
+                test_ds,
+                self.batch_size,
+                train=False,
+                dtype=self.dtype,
+                name="test_ds",
+                image_key=self.image_key,
+            )
         )
-        self.train_dt_iter = self._train_iter(0, 1)
-        self.steps_per_epoch = int(self.train_dt_iter.steps_per_epoch)
-        self.num_steps = self.steps_per_epoch * cfg.num_epochs
+        if self.stream is not None:
+            self.stream.dtype, self.stream.image_key = self.dtype, self.image_key
+            size = len(train_ds) if isinstance(train_ds, Sized) else None
+            if size is None and cfg.num_steps is None:
+                raise ValueError(
+                    "`train_ds` is an iterable of batches without a length, so the "
+                    "run has no epochs to count: set config['num_steps'] (the "
+                    "number of training steps)."
+                )
+            self.steps_per_epoch = size or cfg.num_steps or 1
+        else:
+            self.train_dt_iter = self._train_iter(0, 1)
+            self.steps_per_epoch = int(self.train_dt_iter.steps_per_epoch)
+        self.num_steps = cfg.num_steps or self.steps_per_epoch * cfg.num_epochs
         self.steps_per_eval = cfg.steps_per_eval
         self.log_every_steps = cfg.log_every_steps or self.steps_per_epoch * 20
         self.steps_per_checkpoint = (
@@ -160,6 +307,8 @@ class BasicTrainer:
         self.is_main = jax.process_index() == 0
 
         config = {**cfg.to_dict(), "steps_per_epoch": self.steps_per_epoch}
+        if cfg.num_steps is not None:  # the schedules count the run in epochs
+            config["num_epochs"] = max(-(-cfg.num_steps // self.steps_per_epoch), 1)
         self.lr_schedule = as_schedule(
             cfg.lr_schedule(config), "the result of config['lr_schedule']"
         )
@@ -175,10 +324,15 @@ class BasicTrainer:
             trainable=trainable,
             forward=forward,
         )
-        if int(self.state.step):
+        if self.stream is not None:
+            self.stream.step = int(self.state.step)
+            self.train_dt_iter = self.stream.view(1)
+        elif int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
-        injected = tx is not None and reads_injected_rate(self.state.opt_state)
-        self._train_fns = train_fns(cfg, None if injected else self.lr_schedule)
+        # With a ready optimizer, the recorded learning rate is the one its state
+        # holds (`optax.inject_hyperparams`), and none otherwise: never the
+        # config's schedule, which that optimizer does not follow.
+        self._train_fns = train_fns(cfg, None if tx is not None else self.lr_schedule)
         self.eval_fn = parallel_eval_step(
             cfg.criterion,
             cfg.metrics_fn,
@@ -204,16 +358,20 @@ class BasicTrainer:
         [`eqx_steps.parallel_eval_step`][])."""
         return self.eval_fn
 
-    def _train_iter(self, step: int, steps_per_call: int) -> DeviceIter:
+    def _train_iter(self, step: int, steps_per_call: int) -> Any:
+        if self.stream is not None:  # a user's iterable: read on, never rewound
+            return self.stream.view(steps_per_call)
         return create_input_iter(
             self.data_key,
-            self.train_ds,
+            typing.cast(Mapping[str, Any], self.train_ds),
             self.batch_size,
             train=True,
             dtype=self.dtype,
             steps_per_call=steps_per_call,
             start_step=step,
             name="train_ds",
+            shuffle=self.config.shuffle,
+            image_key=self.image_key,
         )
 
     def log(self, text: str) -> None:
@@ -235,6 +393,8 @@ class BasicTrainer:
         [`eqx_steps.evaluate_dataset`][].
         """
         cfg = self.config
+        if self.test_ds is None:
+            return {}
         return evaluate_dataset(
             self.eval_fn,
             state,
@@ -244,6 +404,7 @@ class BasicTrainer:
             criterion=cfg.criterion,
             metrics_fn=cfg.metrics_fn,
             eval_step_fn=cfg.eval_step_fn,
+            image_key=self.image_key,
         )
 
     def add_hook(

@@ -44,7 +44,7 @@ def dncnn(depth, num_filters=4):
 # --- images of the wrong dtype ----------------------------------------------------
 
 
-@pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.bool_])
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
 def test_integer_images_are_refused_by_the_steps(dtype):
     batch = {**BATCH, "image": np.asarray(BATCH["image"]).astype(dtype)}
     with pytest.raises(ValueError, match=r"batch\['image'\]` has dtype .*astype"):
@@ -53,6 +53,27 @@ def test_integer_images_are_refused_by_the_steps(dtype):
         es.train_step(mlp_state(), batch, lr_fn, mse, loss_metrics, axis_name=None)
     with pytest.raises(ValueError, match=r"batch\['image'\]` has dtype"):
         es.eval_step(mlp_state(), batch, mse, loss_metrics, axis_name=None)
+
+
+@pytest.mark.parametrize("dtype", [np.int32, np.bool_])
+def test_integer_and_boolean_inputs_that_are_not_images_pass_as_they_are(dtype):
+    # Token ids (signed, (n, T)) and masks reach the model with their dtype.
+    seen = []
+
+    class Probe(eqx.Module):
+        linear: eqx.nn.Linear
+
+        def __call__(self, x):
+            seen.append(x.dtype)
+            return self.linear(x.astype(jnp.float32))
+
+    probe = es.TrainState.create(Probe(mlp().layers[0]), ADAM)
+    x = np.asarray(BATCH["image"]).astype(dtype)
+    label = np.zeros((8, mlp().layers[0].out_features), np.float32)
+    batch = {"image": x, "label": label}
+    es.train_step(probe, batch, lr_fn, mse, loss_metrics, axis_name=None)
+    es.eval_step(probe, batch, mse, loss_metrics, axis_name=None)
+    assert seen and all(d == dtype for d in seen)
 
 
 def test_create_input_iter_casts_integer_images_keeps_integer_labels():

@@ -151,6 +151,7 @@ def test_navigation_holds_every_page_once():
         "tutorials/classify-digits.md",
         "distributed.md",
         "migrating-from-scico.md",
+        "coming-from-equinox.md",
         "performance.md",
         "architecture.md",
     ):

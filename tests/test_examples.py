@@ -50,3 +50,17 @@ def test_tiny_example_runs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("4 devices") and len(lines) == 4
     assert all("loss" in line for line in lines[1:])
+
+
+@pytest.mark.slow
+def test_coming_from_equinox_example_gives_the_plain_loops_losses():
+    # A GRU on token ids and a model of two inputs, trained by a plain Equinox
+    # loop, by BasicTrainer and by an own loop over parallel_train_step, on the
+    # same batches: the same last-batch loss.
+    results = load_example("from_equinox").main(verbose=False)
+    assert set(results) == {"tokens", "two_inputs"}
+    for losses in results.values():
+        plain = losses["plain"]
+        assert np.isfinite(plain)
+        np.testing.assert_allclose(losses["trainer"], plain, rtol=1e-5)
+        np.testing.assert_allclose(losses["own_loop"], plain, rtol=1e-5)

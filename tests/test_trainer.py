@@ -126,6 +126,10 @@ def test_every_scico_key_is_accepted(tmp_path):
         "steps_per_call",
         "nan_policy",
         "shard_optimizer_state",
+        "num_steps",  # the additions beyond SCICO (TrainConfig's docstring)
+        "shuffle",
+        "input_key",
+        "target_key",
     }
     cfg = es.TrainConfig.from_dict(config)
     assert cfg.opt_type == "SGD" and cfg.momentum == 0.9 and cfg.post_lst == ()

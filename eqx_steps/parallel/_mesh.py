@@ -17,7 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from .._validate import check_dataset
 from ..state import DEVICE_AXIS
 
 
@@ -109,12 +108,32 @@ class Placement:
         self._one_process = jax.process_count() == 1
 
     def check_batch(self, batch: Any) -> None:
-        """Raise a clear error unless `batch` is a dict with image and label whose
-        leaves have the leading axes this step expects."""
-        check_dataset("batch", batch)
-        for name, x in batch.items():
-            shape = getattr(x, "shape", None)
-            if shape is None or tuple(shape[: len(self.lead)]) != self.lead:
+        """Raise a clear error unless every leaf of `batch` (any PyTree of arrays)
+        is an array with the leading axes this step expects."""
+        # The hot path of every call: leaves only; paths only to name a fault.
+        n = len(self.lead)
+        leaves = jax.tree_util.tree_leaves(batch)
+        if leaves and all(
+            isinstance(x, (np.ndarray, jax.Array)) and x.shape[:n] == self.lead
+            for x in leaves
+        ):
+            return
+        leaves = jax.tree_util.tree_leaves_with_path(batch)
+        if not leaves:
+            raise ValueError(
+                f"`batch` holds no array ({batch!r:.60}); pass a PyTree of arrays, "
+                "e.g. `eqx_steps.shard({'image': x, 'label': y})`."
+            )
+        for path, x in leaves:
+            name = f"batch{jax.tree_util.keystr(path)}"
+            if not isinstance(x, (np.ndarray, jax.Array)):
+                raise TypeError(
+                    f"`{name}` is a {type(x).__name__} ({x!r:.60}), not an array; "
+                    "every leaf of a batch must be a NumPy or JAX array (keep other "
+                    "values out of the batch, e.g. as static fields of the model)."
+                )
+            shape = x.shape
+            if tuple(shape[: len(self.lead)]) != self.lead:
                 k = self.lead[0] if self.device_axis else 1
                 layout = "(n_devices, per_device, ...)"
                 fix = "reshape a local batch with `eqx_steps.shard(batch)`."
@@ -122,30 +141,41 @@ class Placement:
                     layout = f"(steps_per_call={k}, n_devices, per_device, ...)"
                     fix = fix[:-1] + f" and stack {k} of them on a new leading axis."
                 raise ValueError(
-                    f"`batch[{name!r}]` has shape {shape}, expected leading axes "
+                    f"`{name}` has shape {shape}, expected leading axes "
                     f"{self.lead} = {layout} for the {self.lead[-1]} devices of this "
                     f"process in the step's mesh; {fix}"
                 )
 
-    def batch(self, batch: Any) -> dict[str, jax.Array]:
-        """The batch on the mesh's devices (arrays already there are kept)."""
+    def batch(self, batch: Any) -> Any:
+        """The batch on the mesh's devices (arrays already there are kept).
+
+        Host (NumPy) leaves and JAX leaves not committed to a device (what JAX
+        operations make by default) go in one compiled call; only a batch holding
+        arrays committed elsewhere goes through `jax.device_put`.
+        """
         sharding = self.batch_sharding
         if self._one_process:
-            if not any(isinstance(x, jax.Array) for x in batch.values()):
-                return host_placer(sharding)(dict(batch))
-            return {
-                k: x
-                if isinstance(x, jax.Array) and x.sharding == sharding
-                else jax.device_put(x, sharding)
-                for k, x in batch.items()
-            }
-        out = {}
+            leaves = jax.tree_util.tree_leaves(batch)
+            placed = [
+                isinstance(x, jax.Array) and x.sharding == sharding for x in leaves
+            ]
+            if all(placed):
+                return batch
+            elsewhere = any(
+                isinstance(x, jax.Array) and x.committed and not ok
+                for x, ok in zip(leaves, placed)
+            )
+            if not elsewhere:
+                return host_placer(sharding)(batch)
+            return jax.device_put(batch, sharding)
         n = self.mesh.devices.size
-        for k, x in batch.items():
+
+        def assemble(x):
             shape = list(np.shape(x))
             shape[self.device_axis] = n
-            out[k] = jax.make_array_from_process_local_data(sharding, x, tuple(shape))
-        return out
+            return jax.make_array_from_process_local_data(sharding, x, tuple(shape))
+
+        return jax.tree_util.tree_map(assemble, batch)
 
     def state(self, leaves: list[Any], *, copy: bool) -> list[jax.Array]:
         """The state's arrays replicated on every device of the mesh.

@@ -7,12 +7,14 @@ the leading device axis they expect.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import PyTree
 
@@ -65,8 +67,39 @@ def unreplicate(tree: PyTree) -> PyTree:
     return jax.tree_util.tree_map(lambda x: x[0] if eqx.is_array(x) else x, tree)
 
 
+def _split_leading(x: Any, n: int) -> Any:
+    return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _shard_on_mesh(arrays: list[Any], n: int, sharding: NamedSharding) -> list[Any]:
+    # One compiled call for every JAX leaf: reshaped, and laid out one slice per
+    # device as the parallel steps place a batch (they then keep it as it is).
+    out = [_split_leading(x, n) for x in arrays]
+    return [jax.lax.with_sharding_constraint(y, sharding) for y in out]
+
+
+def _host_view(x: Any) -> Any:
+    """`x` as a NumPy array when it is a JAX array on one CPU device (a view of
+    its buffer), else `x`."""
+    if not isinstance(x, jax.Array) or x.is_deleted():
+        return x
+    devices = x.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return x
+    return np.asarray(x)
+
+
 def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     """Reshape a local batch `(local_batch, ...)` to `(n_devices, per_device, ...)`.
+
+    A batch is any PyTree of arrays with a leading example axis (a dict of
+    arrays, a tuple of a model's several inputs, a dict of dicts...). NumPy
+    leaves, and JAX leaves held on one CPU device (read as NumPy arrays without
+    a copy), are reshaped on the host: the parallel steps place them with one
+    compiled call. JAX leaves on an accelerator are reshaped and laid out one
+    slice per device in one compiled call, in the layout the parallel steps
+    expect, so that a step keeps them as they are.
 
     **Arguments:**
 
@@ -78,23 +111,54 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     **Returns:**
 
     The same PyTree with each leaf reshaped to `(n_devices, per_device, ...)`.
+
+    **Raises:**
+
+    `TypeError` naming a leaf that is not an array; `ValueError` naming a leaf
+    that is a scalar or whose leading size does not divide over the devices.
     """
     if devices is None:
         n, what = jax.local_device_count(), "local devices"
     else:
         n, what = len(check_devices("devices", devices)), "devices"
 
-    def split(path, x):
-        name = f"batch{jax.tree_util.keystr(path)}.shape[0]"
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    if not leaves:
+        raise ValueError(
+            f"`batch` holds no array ({batch!r:.60}); pass a PyTree of arrays with a "
+            "leading batch axis, e.g. {'image': x, 'label': y}."
+        )
+    for path, x in leaves:
+        name = f"batch{jax.tree_util.keystr(path)}"
+        if not isinstance(x, (np.ndarray, jax.Array, np.generic)):
+            raise TypeError(
+                f"`{name}` is a {type(x).__name__} ({x!r:.60}), not an array; every "
+                "leaf of a batch must be a NumPy or JAX array with a leading batch "
+                "axis."
+            )
         if x.ndim == 0:
             raise ValueError(
-                f"`batch{jax.tree_util.keystr(path)}` is a scalar; every leaf of a "
-                "batch needs a leading batch axis."
+                f"`{name}` is a scalar; every leaf of a batch needs a leading batch "
+                "axis."
             )
-        check_divisible(name, x.shape[0], n, what)
-        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+        check_divisible(f"{name}.shape[0]", x.shape[0], n, what)
 
-    return jax.tree_util.tree_map_with_path(split, batch)
+    # A JAX array in this process's CPU memory is read as a NumPy array (no
+    # copy): it then takes the NumPy path, one transfer by the step's placement,
+    # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
+    # over the devices in one compiled call.
+    xs = [_host_view(x) for _, x in leaves]
+    out = [_split_leading(x, n) if not isinstance(x, jax.Array) else x for x in xs]
+    on_device = [i for i, x in enumerate(xs) if isinstance(x, jax.Array)]
+    if on_device:
+        placed = None
+        mesh = device_mesh(devices)
+        if jax.process_count() == 1 and not any(xs[i].committed for i in on_device):
+            sharding = NamedSharding(mesh, P(DEVICE_AXIS))
+            placed = _shard_on_mesh([xs[i] for i in on_device], n, sharding)
+        for j, i in enumerate(on_device):
+            out[i] = _split_leading(xs[i], n) if placed is None else placed[j]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def sync_model_state(replicated_state: TrainState) -> TrainState:
