@@ -165,7 +165,8 @@ def compiler_options(
 
 
 def default_backend_jit(fun: Callable) -> Callable:
-    """`eqx.filter_jit(fun)`, compiled with [`compiler_options`][] of the default
+    """`eqx.filter_jit(fun)`, compiled with
+    [`eqx_steps.platform.compiler_options`][] of the default
     backend.
 
     The backend is read at the first call (JAX has started by then), so that
