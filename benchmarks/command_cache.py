@@ -40,7 +40,8 @@ def run_once(out: str, cache: str, quick: bool) -> dict:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # as a user runs it
     env.pop("EQX_STEPS_COMPILATION_CACHE", None)
-    argv = [sys.executable, "-m", "eqx_steps", "train", *(QUICK_ARGS if quick else ARGS),
+    args = QUICK_ARGS if quick else ARGS
+    argv = [sys.executable, "-m", "eqx_steps", "train", *args,
             "--out", out, "--compilation-cache", cache]  # fmt: skip
     t0 = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)

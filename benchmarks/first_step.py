@@ -19,7 +19,11 @@ Models (global batch, Adam): `tiny` (MLP 16-32-32-4, batch 32), `dncnn` (depth
     python benchmarks/first_step.py --model dncnn --impl library --devices 4
     python benchmarks/first_step.py --compare --models tiny,dncnn,unet --devices 1,4
 
-Prints one JSON line per run (`first_step_s`; for the library also the split
+The machine is often shared: each run also reports the process's CPU time over
+the same interval (`cpu_s`, all its threads), which other processes disturb far
+less than the wall time.
+
+Prints one JSON line per run (`first_step_s`, `cpu_s`; for the library also the split
 into `trace_s` (tracing and lowering, from `step.lower`) and `compile_s`, from a
 second, separate measurement in the same process) and, with `--compare`, the
 ratios library / plain, the two alternating, medians over `--repeats` rounds.
@@ -119,10 +123,11 @@ def run(model: str, impl: str, backend: str, quick: bool) -> dict:
         opt_state = tx.init(eqx.filter(net, eqx.is_inexact_array))
         jax.block_until_ready((net, opt_state))
         step = _plain_step(tx)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = step(net, net_state, opt_state, batch)
         float(out[-1])
         result["first_step_s"] = time.perf_counter() - t0
+        result["cpu_s"] = time.process_time() - c0
         return result
     state = es.TrainState.create(net, tx, model_state=net_state)
     jax.block_until_ready(state)
@@ -130,10 +135,11 @@ def run(model: str, impl: str, backend: str, quick: bool) -> dict:
     step = es.parallel_train_step(
         1e-3, es.mse_loss, es.compute_metrics, backend=backend, nan_policy=policy
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     _, metrics = step(state, es.shard(batch))
     float(metrics["loss"])
     result["first_step_s"] = time.perf_counter() - t0
+    result["cpu_s"] = time.process_time() - c0
     # The split, on a second step object (same program: JAX's caches are warm
     # for tracing-level work, so read these as a breakdown, not as a sum).
     step2 = es.parallel_train_step(
@@ -178,14 +184,18 @@ def compare(model: str, backend: str, devices: int, repeats: int, quick: bool) -
     for _ in range(repeats):
         runs.append(run_fresh(model, "plain", backend, devices, quick))
         runs.append(run_fresh(model, "library", backend, devices, quick))
-    med = {
-        impl: statistics.median(r["first_step_s"] for r in runs if r["impl"] == impl)
-        for impl in ("plain", "library")
-    }
+
+    def med(impl, key):
+        return statistics.median(r[key] for r in runs if r["impl"] == impl)
+
     return {"model": model, "backend": backend, "devices": devices,
-            "library_s": med["library"], "plain_s": med["plain"],
-            "ratio": med["library"] / med["plain"], "runs": runs,
-            "load": os.getloadavg()[0]}  # fmt: skip
+            "library_s": med("library", "first_step_s"),
+            "plain_s": med("plain", "first_step_s"),
+            "ratio": med("library", "first_step_s") / med("plain", "first_step_s"),
+            "library_cpu_s": med("library", "cpu_s"),
+            "plain_cpu_s": med("plain", "cpu_s"),
+            "cpu_ratio": med("library", "cpu_s") / med("plain", "cpu_s"),
+            "runs": runs, "load": os.getloadavg()[0]}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,8 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                 r = compare(m, b, int(d), args.repeats, args.quick)
                 print(
                     f"{m:6s} {b:8s} {d} dev: library {r['library_s']:.2f} s, plain "
-                    f"{r['plain_s']:.2f} s, ratio {r['ratio']:.3f} (load "
-                    f"{r['load']:.2f})",
+                    f"{r['plain_s']:.2f} s, ratio {r['ratio']:.3f}; CPU time "
+                    f"{r['library_cpu_s']:.2f} / {r['plain_cpu_s']:.2f} s, ratio "
+                    f"{r['cpu_ratio']:.3f} (load {r['load']:.2f})",
                     flush=True,
                 )
 

@@ -37,6 +37,9 @@ def test_first_step(benchmark, model, backend, quick):
         library_s=r["library_s"],
         plain_s=r["plain_s"],
         ratio=r["ratio"],
+        library_cpu_s=r["library_cpu_s"],
+        plain_cpu_s=r["plain_cpu_s"],
+        cpu_ratio=r["cpu_ratio"],
         load=r["load"],
     )
     assert all(run["first_step_s"] > 0 for run in r["runs"])

@@ -98,3 +98,32 @@ def test_train_fills_and_reuses_the_compilation_cache(tmp_path):
         env={**os.environ, "EQX_STEPS_COMPILATION_CACHE": str(tmp_path / "unused")},
     )  # fmt: skip
     assert off.returncode == 0 and not (tmp_path / "unused").exists()
+
+
+def test_info_reads_the_model_not_the_optimizer_state(tmp_path, capsys, monkeypatch):
+    import eqx_steps.apply
+    from eqx_steps import cli, parameter_overview
+    from eqx_steps.cli import _models, _run_folder, _settings
+    from eqx_steps.cli.train import trainer_config
+
+    out = str(tmp_path / "run")
+    args = [*TINY[:-1], "4", "--out", out]  # the tests' 4 devices
+    assert cli.main(["train", *args]) == 0
+    capsys.readouterr()
+    # The whole state, restored as `evaluate` restores it, to compare with.
+    config = _run_folder.read_config(out)
+    settings = _models.resolve(
+        {**_settings.DEFAULTS, **_settings.saved_settings(config, "config.json")}
+    )
+    model, model_state = _models.build_model(settings, 1)
+    full = _models.restore(trainer_config(settings, out), model, model_state, out)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("info restored the whole state")
+
+    monkeypatch.setattr(eqx_steps.apply, "checkpoint_restore", refuse)
+    assert cli.main(["info", out]) == 0
+    printed = capsys.readouterr().out
+    assert f"Parameters at checkpoint step {int(full.step)}:" in printed
+    assert parameter_overview(full.model) in printed
+    assert parameter_overview(full.model_state) in printed
