@@ -107,7 +107,7 @@ def test_info_reads_the_model_not_the_optimizer_state(tmp_path, capsys, monkeypa
     from eqx_steps.cli.train import trainer_config
 
     out = str(tmp_path / "run")
-    args = [*TINY[:-1], "4", "--out", out]  # the tests' 4 devices
+    args = [*TINY[:-1], "4", "--depth", "3", "--out", out]  # 4 devices, a block
     assert cli.main(["train", *args]) == 0
     capsys.readouterr()
     # The whole state, restored as `evaluate` restores it, to compare with.

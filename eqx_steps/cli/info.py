@@ -75,12 +75,25 @@ def _restore_printed(
         arrays.replace(opt_state=None)
     )
     item: dict[str, Any] = {}
+    # orbax stores lists, and nodes flattened without keys, as lists.
+    FlatKey = jax.tree_util.FlattenedIndexKey
+    sequences: set[tuple[str, ...]] = set()
     for p, x in leaves:
-        *parents, name = _orbax_name(p)
+        names = _orbax_name(p)
         node = item
-        for k in parents:
+        for i, k in enumerate(names[:-1]):
             node = node.setdefault(k, {})
-        node[name] = wanted(x)
+            if isinstance(p[i + 1], (jax.tree_util.SequenceKey, FlatKey)):
+                sequences.add(names[: i + 1])
+        node[names[-1]] = wanted(x)
+
+    def as_lists(node: Any, at: tuple[str, ...]) -> Any:
+        if not isinstance(node, dict):
+            return node
+        node = {k: as_lists(v, (*at, k)) for k, v in node.items()}
+        return [node[str(i)] for i in range(len(node))] if at in sequences else node
+
+    item = as_lists(item, ())
     restore_args = jax.tree_util.tree_map(
         lambda x: ocp.ArrayRestoreArgs(sharding=one_device), item
     )
@@ -95,7 +108,7 @@ def _restore_printed(
     def read(p):
         node = got
         for k in _orbax_name(p):
-            node = node[k]
+            node = node[int(k)] if isinstance(node, list) else node[k]
         return node
 
     restored = jax.tree_util.tree_unflatten(treedef, [read(p) for p, _ in leaves])
