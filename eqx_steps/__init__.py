@@ -138,7 +138,8 @@ def __dir__() -> list[str]:
     global _EXPORTS
     if _EXPORTS is None:
         _EXPORTS = _exports()
-    return sorted({*globals(), *_EXPORTS})
+    # The public names (and the module's own dunders), not this file's helpers.
+    return sorted({*_EXPORTS, *(n for n in globals() if n.startswith("__"))})
 
 
 __version__ = "0.1.0"
