@@ -21,6 +21,7 @@ from jaxtyping import ArrayLike, Float, PyTree
 
 from ._validate import check_int, check_number
 from .models import DnCNN
+from .platform import default_backend_jit
 from .state import per_example
 
 
@@ -150,7 +151,7 @@ def _tiled(
     return out
 
 
-@eqx.filter_jit
+@default_backend_jit  # eqx.filter_jit, with the fast XLA:CPU options
 def _apply_one(forward, model, model_state, x):
     y, _ = forward(model, model_state, x[None], inference=True)
     return y[0]

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._validate import check_dataset, check_int
 from .data import create_input_iter, DeviceIter
+from .platform import default_backend_jit
 from .state import TrainState
 from .steps import Batch, Criterion, eval_step, MetricsFn
 
@@ -38,7 +39,7 @@ StepFn = Callable[..., Mapping[str, Any]]
 """A per-device step with `eval_step`'s signature."""
 
 
-@eqx.filter_jit
+@default_backend_jit  # eqx.filter_jit, with the fast XLA:CPU options
 def _on_one_device(
     step_fn: StepFn,
     state: TrainState,

@@ -12,6 +12,9 @@ from eqx_steps.platform import configure_xla_flags
 # the faster XLA:CPU convolution setting (see docs/performance.md).
 configure_xla_flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The command's compilation cache stays off in the tests' subprocesses (nothing
+# written under the user's ~/.cache); tests/test_cli_startup.py turns it on.
+os.environ.setdefault("EQX_STEPS_COMPILATION_CACHE", "off")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -1,4 +1,5 @@
-"""Starting JAX for a command: the devices, a multi-process job, host copies."""
+"""Starting JAX for a command: the devices, a multi-process job, the compilation
+cache, host copies."""
 
 from __future__ import annotations
 
@@ -15,6 +16,58 @@ from ..platform import (
     requested_cpu_devices,
 )
 from ._errors import reported, UsageError
+
+
+ENV_COMPILATION_CACHE = "EQX_STEPS_COMPILATION_CACHE"
+"""Environment variable: the folder of the command's compilation cache, or `off`."""
+
+_OFF = ("off", "none", "no", "0", "false")
+
+
+def default_cache_dir() -> str:
+    """`$XDG_CACHE_HOME/eqx_steps/jax` (`~/.cache/eqx_steps/jax` by default)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(base, "eqx_steps", "jax")
+
+
+def compilation_cache_dir(option: str | None) -> str | None:
+    """The folder of the command's persistent compilation cache, or `None` (off).
+
+    **Arguments:**
+
+    - `option`: the `--compilation-cache` value (`None` when not given); else
+        `EQX_STEPS_COMPILATION_CACHE`; else [`default_cache_dir`][]. `off` (or
+        `none`, `0`, `false`, empty) turns the cache off.
+
+    **Returns:**
+
+    The folder (user and environment variables expanded), or `None`.
+    """
+    value = option if option is not None else os.environ.get(ENV_COMPILATION_CACHE)
+    if value is None:
+        return default_cache_dir()
+    if value.strip().lower() in (*_OFF, ""):
+        return None
+    return os.path.abspath(os.path.expanduser(os.path.expandvars(value)))
+
+
+# Set by the entry point from `--compilation-cache` (None: not given).
+cache_option: str | None = None
+
+
+def _enable_compilation_cache(path: str) -> None:
+    """JAX's persistent compilation cache in `path`, for every program the command
+    compiles (XLA:CPU too), however quick to compile."""
+    import jax
+
+    with reported(f"--compilation-cache {path}: "):
+        os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # The default (1 s) would leave out the evaluation steps and the placement
+    # programs, which a run compiles too; reading them back is quicker.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def distributed_args(settings: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -64,6 +117,11 @@ def start_jax(devices: int | None, distributed: dict[str, Any] | None) -> None:
     if devices is None and requested_cpu_devices() is None:
         devices = default_cpu_devices()
     configure_xla_flags(devices)
+    # Only when the command starts JAX itself: called from Python (JAX already
+    # running, above), it leaves the caller's JAX configuration alone.
+    cache = compilation_cache_dir(cache_option)
+    if cache is not None:
+        _enable_compilation_cache(cache)
     if distributed is not None:
         from ..distributed import initialize
 

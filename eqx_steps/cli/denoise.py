@@ -37,7 +37,7 @@ _PANEL_MAX, _PANEL_MIN = 1024, 256
 
 def add_parser(commands: Any, formatter: Any) -> None:
     """Add the `denoise` command to the subparsers `commands`."""
-    from ..models import SCICO_DNCNN_VARIANTS
+    from .._pretrained import SCICO_DNCNN_VARIANTS  # no JAX import for --help
 
     parser = commands.add_parser(
         "denoise",

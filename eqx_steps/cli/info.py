@@ -9,7 +9,7 @@ from typing import Any
 from .._validate import check_int
 from . import _run_folder as folder
 from ._errors import reported
-from ._models import build_model, resolve, restore
+from ._models import build_model, resolve
 from ._runtime import start_jax
 from ._settings import DEFAULTS, saved_settings
 from .train import trainer_config
@@ -35,6 +35,87 @@ def _record_line(record: dict[str, Any]) -> str:
     )
 
 
+def _restore_printed(
+    settings: dict[str, Any], model: Any, model_state: Any, run_dir: str
+) -> tuple[int, Any, Any] | None:
+    """`(step, model, model_state)` of the run's latest checkpoint, or `None`
+    when it has none.
+
+    Only what `info` prints is read: the optimizer state's leaves (two more
+    copies of the parameters with Adam) are left on disk (orbax placeholders in
+    the restore target), and the arrays come back to the first local device.
+    """
+    import equinox as eqx
+    import jax
+    import orbax.checkpoint as ocp
+    from etils import epath
+
+    from .._checkpoint_parts import _is_key, _orbax_name, _STATE, _workdir
+    from ..apply import _restore_state
+    from ..checkpoint import latest_step
+
+    path = _workdir(run_dir)
+    step = latest_step(path)
+    if step is None:
+        return None
+    # The structure of the saved state: the run's initial state (not read).
+    config = trainer_config(settings, run_dir)
+    _, state = _restore_state(config, model, model_state, use_checkpoint=False)
+    arrays = eqx.filter(state, eqx.is_array)
+    one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+    def wanted(x):
+        if _is_key(x):
+            x = jax.eval_shape(jax.random.key_data, x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device)
+
+    # Partial restore of a nested dict of orbax's names (custom nodes do not
+    # trim): the optimizer state's leaves are left out of the target.
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(
+        arrays.replace(opt_state=None)
+    )
+    item: dict[str, Any] = {}
+    # orbax stores lists, and nodes flattened without keys, as lists.
+    FlatKey = jax.tree_util.FlattenedIndexKey
+    sequences: set[tuple[str, ...]] = set()
+    for p, x in leaves:
+        names = _orbax_name(p)
+        node = item
+        for i, k in enumerate(names[:-1]):
+            node = node.setdefault(k, {})
+            if isinstance(p[i + 1], (jax.tree_util.SequenceKey, FlatKey)):
+                sequences.add(names[: i + 1])
+        node[names[-1]] = wanted(x)
+
+    def as_lists(node: Any, at: tuple[str, ...]) -> Any:
+        if not isinstance(node, dict):
+            return node
+        node = {k: as_lists(v, (*at, k)) for k, v in node.items()}
+        return [node[str(i)] for i in range(len(node))] if at in sequences else node
+
+    item = as_lists(item, ())
+    restore_args = jax.tree_util.tree_map(
+        lambda x: ocp.ArrayRestoreArgs(sharding=one_device), item
+    )
+    with reported(f"checkpoint step {step} in {run_dir}: "):
+        got = ocp.PyTreeCheckpointHandler().restore(
+            epath.Path(path / str(step) / _STATE),
+            args=ocp.args.PyTreeRestore(
+                item=item, restore_args=restore_args, partial_restore=True
+            ),
+        )
+
+    def read(p):
+        node = got
+        for k in _orbax_name(p):
+            node = node[int(k)] if isinstance(node, list) else node[k]
+        return node
+
+    restored = jax.tree_util.tree_unflatten(treedef, [read(p) for p, _ in leaves])
+    restored = eqx.combine(restored, state)
+    return int(restored.step), restored.model, restored.model_state
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps info` with the parsed `args`; the exit status."""
     config = folder.read_config(args.run_dir)
@@ -50,14 +131,12 @@ def run(args: argparse.Namespace) -> int:
     with reported(f"{folder.CONFIG_FILE}: "):
         channels = check_int("channels", config.get("channels", 1))
     model, model_state = build_model(settings, channels)
-    state = restore(
-        trainer_config(settings, args.run_dir), model, model_state, args.run_dir
-    )
-    if state is None:
+    found = _restore_printed(settings, model, model_state, args.run_dir)
+    if found is None:
         print("No checkpoint: the parameters of the initial model.")
     else:
-        model, model_state = state.model, state.model_state
-        print(f"Parameters at checkpoint step {int(state.step)}:")
+        step, model, model_state = found
+        print(f"Parameters at checkpoint step {step}:")
     print(parameter_overview(model))
     if model_state is not None:
         print("Batch-norm statistics:")

@@ -21,15 +21,11 @@ import jax.numpy as jnp
 import msgpack
 import numpy as np
 
+from .._pretrained import SCICO_DNCNN_VARIANTS as SCICO_DNCNN_VARIANTS
 from .._validate import check_choice, is_int
 from ._blocks import ConvBNBlock
 from ._dncnn import DnCNN
 
-
-SCICO_DNCNN_VARIANTS = ("6L", "6M", "6H", "6N", "17M")
-"""The pretrained DnCNN variants shipped with the package (SCICO's own files):
-6 or 17 layers, trained at noise level L (0.06), M (0.10), H (0.20) for images in
-`[0, 1]`, or N (the noise level is a second input channel)."""
 
 _ARG = "variant_or_path"
 _DATA_PACKAGE = "eqx_steps.models"  # holds scico_dncnn/ (package data)

@@ -9,7 +9,7 @@ device, so nothing is copied between calls and the user never calls
 The pieces, one concern per module:
 
 - `_strategies`: the backends, one small object each: `"pmap"` maps the
-  per-device step with `eqx.filter_pmap`, `"sharded"` with `jax.shard_map` over
+  per-device step with `jax.pmap`, `"sharded"` with `jax.shard_map` over
   every process's devices;
 - `_step`: the callable the builders return (boundary checks, the hot path of a
   call, `.lower`);

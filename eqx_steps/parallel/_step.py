@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 
+from ..platform import compiler_options
 from ..state import TrainState
 from ..steps import Batch
 from ._flat import CompileCache, split, Static
@@ -74,7 +75,8 @@ class ParallelStep:
     Built by [`eqx_steps.parallel_train_step`][] (returns `(state, metrics)`) and
     [`eqx_steps.parallel_eval_step`][] (returns `metrics`). `step.lower(state,
     batch)` shows the program a call runs; `step.cache_size` counts the programs
-    compiled (one per state structure and static leaves).
+    compiled (one per state structure and static leaves); `step.compiler_options`
+    the XLA options they compile with.
     """
 
     def __init__(
@@ -112,6 +114,15 @@ class ParallelStep:
         """How many programs this step has compiled."""
         return len(self._cache)
 
+    @property
+    def compiler_options(self) -> dict[str, Any] | None:
+        """The XLA options this step compiles with: the `compiler_options` it was
+        built with, plus on CPU the fast XLA:CPU setting of
+        [`eqx_steps.platform.compiler_options`][] (read when a program is compiled)."""
+        return compiler_options(
+            self._strategy.devices[0].platform, self._compiler_options
+        )
+
     def _compile(self, static: Static) -> Callable:
         body = repeat(
             _on_leaves(self._per_device, static, self._returns_state),
@@ -123,7 +134,7 @@ class ParallelStep:
         return jax.jit(
             self._strategy.map(body, self._placement.device_axis, static),
             donate_argnums=(0,) if self._donate else (),
-            compiler_options=self._compiler_options,
+            compiler_options=self.compiler_options,
         )
 
     def _prepare(self, state: Any, *, copy: bool) -> tuple[list[Any], Static, Callable]:

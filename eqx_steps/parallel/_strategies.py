@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -36,12 +35,12 @@ class Strategy:
 
 
 class PmapStrategy(Strategy):
-    """`backend="pmap"`: `eqx.filter_pmap` over this process's devices.
+    """`backend="pmap"`: `jax.pmap` over this process's devices.
 
     The arrays are broadcast (`in_axes=None`), the batch is mapped along its
     device axis, the result comes back once (`out_axes=None`). The mapped function
     is traced inside the caller's `jax.jit`, which donates the state's arrays
-    only (`filter_pmap(donate=...)` would donate the batch too) and dispatches
+    only (`pmap`'s own donation would donate the batch too) and dispatches
     each call from C++. One process only.
     """
 
@@ -59,7 +58,11 @@ class PmapStrategy(Strategy):
         self.mesh = device_mesh(self.devices)
 
     def map(self, body: Body, device_axis: int, static: Any = None) -> Body:
-        mapped = eqx.filter_pmap(  # pyright: ignore[reportCallIssue]  (devices=)
+        # `jax.pmap` itself: the body takes arrays only (the state's static part
+        # is closed over), so `eqx.filter_pmap`'s partitioning has nothing to do,
+        # and its extra trace of the body (for the output structure) doubled the
+        # step's tracing time (docs/performance.md).
+        mapped = jax.pmap(
             body,
             in_axes=(None, device_axis),
             out_axes=None,
