@@ -244,8 +244,10 @@ def write_samples(
     snrs: tuple[np.ndarray, np.ndarray],
     title: str,
     count: int = 4,
+    names: tuple[str, str, str] = ("clean", "noisy", "denoised"),
 ) -> None:
-    """Write `samples.png`: test patches, one per row: clean, noisy, denoised.
+    """Write `samples.png`: test patches, one per row: clean, noisy, denoised
+    (deblur: truth, blurred, restored; ct: truth, back-projection, restored).
 
     **Arguments:**
 
@@ -255,6 +257,7 @@ def write_samples(
     - `snrs`: the per-patch SNR of the noisy and of the denoised patches.
     - `title`: the figure's title.
     - `count`: how many patches (spread over the test set).
+    - `names`: the names of the three columns.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, any backend
 
@@ -264,9 +267,10 @@ def write_samples(
     axes = fig.subplots(len(rows), 3, squeeze=False)
     snr_in, snr_out = snrs
     for r, i in enumerate(rows):
-        show_image(axes[r][0], test_ds["label"][i], f"clean #{i}")
-        show_image(axes[r][1], test_ds["image"][i], f"noisy: {snr_in[i]:.1f} dB")
-        show_image(axes[r][2], output[i], f"denoised: {snr_out[i]:.1f} dB")
+        truth, measured, restored = names
+        show_image(axes[r][0], test_ds["label"][i], f"{truth} #{i}")
+        show_image(axes[r][1], test_ds["image"][i], f"{measured}: {snr_in[i]:.1f} dB")
+        show_image(axes[r][2], output[i], f"{restored}: {snr_out[i]:.1f} dB")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()
