@@ -15,22 +15,16 @@ class ScaledOperator(AbstractOperator):
 
     op: AbstractOperator
     scale: float = eqx.field(static=True)
+    input_shape: tuple[int, ...] = eqx.field(static=True)
+    output_shape: tuple[int, ...] = eqx.field(static=True)
+    input_dtype: Any = eqx.field(static=True)
 
     def __init__(self, op: AbstractOperator, scale: float):
         self.op = op
         self.scale = float(scale)
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.op.input_shape
-
-    @property
-    def output_shape(self) -> tuple[int, ...]:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.op.output_shape
-
-    @property
-    def input_dtype(self) -> Any:  # pyright: ignore[reportIncompatibleVariableOverride]
-        return self.op.input_dtype
+        self.input_shape = op.input_shape
+        self.output_shape = op.output_shape
+        self.input_dtype = op.input_dtype
 
     def __call__(self, x: Inexact[Array, "*dims"]) -> Inexact[Array, "*dims"]:
         return self.scale * self.op(x)

@@ -224,7 +224,9 @@ def _image_shape(patch: int, channels: int) -> tuple[int, ...]:
 
 
 def build_inverse_model(
-    settings: Mapping[str, Any], channels: int, size: int | None = None
+    settings: Mapping[str, Any],
+    channels: int,
+    shape: tuple[int, ...] | None = None,
 ) -> tuple[Any, Any]:
     """A MoDL or ODP network for the run's task and its state, seeded.
 
@@ -232,14 +234,15 @@ def build_inverse_model(
 
     - `settings`: the resolved settings.
     - `channels`: the image channels.
-    - `size`: the image size the operator is built for (default `--patch`).
+    - `shape`: the image shape the operator is built for (default `--patch`
+        square).
     """
     import equinox as eqx
     import jax
 
     from ..models import MoDLNet, ODPNet
 
-    op = make_operator(settings, _image_shape(size or settings["patch"], channels))
+    op = make_operator(settings, shape or _image_shape(settings["patch"], channels))
     key = jax.random.fold_in(jax.random.key(settings["seed"]), 1)
     with reported(f"{settings['model']}: "):
         if settings["model"] == "modl":
@@ -453,3 +456,21 @@ def first_stage(
             flush=True,
         )
     return deeper, trained_state
+
+
+def at_shape(
+    settings: Mapping[str, Any], model: Any, channels: int, shape: tuple[int, ...]
+) -> Any:
+    """A trained MoDL/ODP `model` with its operator rebuilt for images of
+    `shape` (deblurring: the blur is the same at any size; ODP's norm estimate
+    is recomputed for the new size, as SCICO computes it at every call). The
+    weights are the trained ones; other models are returned as they are."""
+    import jax
+
+    if settings["model"] not in INVERSE_MODELS or model.operator.input_shape == shape:
+        return model
+    fresh, _ = build_inverse_model(settings, channels, shape)
+    trained = jax.tree_util.tree_leaves(model)
+    leaves, treedef = jax.tree_util.tree_flatten(fresh)
+    assert [np.shape(x) for x in trained] == [np.shape(x) for x in leaves]
+    return jax.tree_util.tree_unflatten(treedef, trained)
