@@ -158,7 +158,9 @@ def test_restore_names_both_shapes_for_a_wrong_sized_image(capsys, tmp_path, ct_
     err = _error(capsys, ["restore", str(sino), "--run", str(ct_config)])
     assert "shape (10, 11)" in err and "sinograms of shape (12, 11)" in err
     assert "--angles 12, --det-count 11" in err and "--simulate" in err
-    err = _error(capsys, ["restore", str(sino), "--run", str(ct_config), "--noise", "1"])
+    err = _error(
+        capsys, ["restore", str(sino), "--run", str(ct_config), "--noise", "1"]
+    )
     assert "--noise goes with --simulate" in err
 
 
@@ -260,6 +262,8 @@ def test_restore_ct_from_a_sinogram_or_a_simulated_image(runs, tmp_path):
                   "--out", str(tmp_path / "a.png")])  # fmt: skip
     assert SNRS.search(text), text
     sino = tmp_path / "sino.npy"
-    np.save(sino, np.ones((12, 22), np.float32) * 0.1)
-    _main(["restore", str(sino), "--run", str(folder), "--out", str(tmp_path / "b.png")])
+    np.save(sino, np.ones((12, 11), np.float32) * 0.1)
+    _main(
+        ["restore", str(sino), "--run", str(folder), "--out", str(tmp_path / "b.png")]
+    )
     assert images.read_image(tmp_path / "b.png").shape == (16, 16, 1)

@@ -246,8 +246,7 @@ TASK_SETTINGS: tuple[Setting, ...] = (
         "psf_size",
         int,
         3,
-        "height and width of the blur kernel (SCICO's examples: a 3x3 uniform "
-        "kernel)",
+        "height and width of the blur kernel (SCICO's examples: a 3x3 uniform kernel)",
         minimum=1,
     ),
     Setting(

@@ -298,10 +298,10 @@ def run(args: argparse.Namespace) -> int:
                     f"{factor}: crop the image"
                 )
     h, w = (y.shape[:2]) if task == "deblur" else (settings["patch"],) * 2
+    kind = "measured" if clean is None else "clean, simulated"
     print(
-        f"eqx-steps restore: {args.image} ({'clean, simulated' if clean is not None else 'measured'}"
-        f", {h}x{w}) with {settings['model']} of {args.run_dir} (step {step}; "
-        f"{describe(settings)})",
+        f"eqx-steps restore: {args.image} ({kind}, {h}x{w}) with {settings['model']} "
+        f"of {args.run_dir} (step {step}; {describe(settings)})",
         flush=True,
     )
     start = time.perf_counter()
