@@ -223,7 +223,8 @@ def test_a_run_knows_its_task(runs, name):
     trained = _table(text)
     assert _table(_main(["evaluate", str(folder)])) == trained
     info = _main(["info", str(folder)])
-    assert f"Task: {task}" in info and '"task"' in info
+    assert f"Task: {task}" in info
+    assert re.search(rf'^  task +"{task}"$', info, re.M), info
     assert "lmbda" in info if name != "odp" else "blocks[1].alpha" in info
 
 

@@ -129,11 +129,21 @@ def resolve_task(settings: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def saved(settings: Mapping[str, Any]) -> dict[str, Any]:
-    """What `config.json` keeps of `settings`: a denoising run keeps no operator
-    settings (they mean nothing to it)."""
-    if settings.get("task", "denoise") != "denoise":
-        return dict(settings)
-    return {k: v for k, v in settings.items() if k not in OPERATOR_KEYS}
+    """What `config.json` keeps of `settings`: the settings of the run's task and
+    network only (a denoising run keeps no operator settings, a deblurring run
+    no CT settings, ...)."""
+    task, model = settings.get("task", "denoise"), settings.get("model")
+    keep = {
+        "deblur": {"psf", "psf_size", "psf_sigma"},
+        "ct": {"angles", "det_count"},
+    }.get(task, set())
+    if model == "modl":
+        keep |= {"block_depth", "cg_iter", "stage1_epochs"}
+        if settings.get("stage1_epochs"):
+            keep.add("stage1_cg_iter")
+    elif model == "odp":
+        keep |= {"block_depth", "block"}
+    return {k: v for k, v in settings.items() if k not in OPERATOR_KEYS or k in keep}
 
 
 def describe(settings: Mapping[str, Any]) -> str:
