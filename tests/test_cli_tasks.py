@@ -201,12 +201,19 @@ def runs(tmp_path_factory):
                 "--psf", "gaussian", "--psf-size", "5"],
         "ct": ["--task", "ct", "--model", "modl", "--depth", "1", "--cg-iter", "2",
                "--angles", "12"],
+        "denoise": ["--depth", "2"],
     }  # fmt: skip
-    out = {}
-    for name, argv in argvs.items():
-        folder = root / name
-        out[name] = folder, _main(["train", *TINY, *argv, "--out", str(folder)])
-    return out
+
+    class Runs(dict):  # each run trained when a test first asks for it
+        def __missing__(self, name):
+            folder = root / name
+            self[name] = (
+                folder,
+                _main(["train", *TINY, *argvs[name], "--out", str(folder)]),
+            )
+            return self[name]
+
+    return Runs()
 
 
 @pytest.mark.slow
@@ -268,3 +275,25 @@ def test_restore_ct_from_a_sinogram_or_a_simulated_image(runs, tmp_path):
         ["restore", str(sino), "--run", str(folder), "--out", str(tmp_path / "b.png")]
     )
     assert images.read_image(tmp_path / "b.png").shape == (16, 16, 1)
+
+
+@pytest.mark.slow
+def test_restore_with_a_denoising_run_is_eqx_steps_denoise(runs, tmp_path):
+    folder, _ = runs["denoise"]
+    config = json.loads((folder / "config.json").read_text())
+    assert (
+        config["task"] == "denoise" and "psf" not in config and "angles" not in config
+    )
+    clean = tmp_path / "foam.png"
+    images.write_image(clean, make_foam(1, size=20, seed=9)[0])
+    argv = ["--run", str(folder), "--seed", "3"]
+    out = tmp_path / "r.png"
+    text = _main(["restore", str(clean), *argv, "--simulate", "--out", str(out)])
+    assert "eqx-steps denoise:" in text and f"noise std {config['noise']:g}" in text
+    same = _main(["denoise", str(clean), *argv, "--noise", str(config["noise"]),
+                  "--out", str(tmp_path / "d.png")])  # fmt: skip
+    line = re.compile(r"SNR against the original: .*")
+    assert line.findall(text) == line.findall(same)
+    np.testing.assert_array_equal(
+        images.read_image(out), images.read_image(tmp_path / "d.png")
+    )
