@@ -121,6 +121,35 @@ def test_the_data_are_measurements_of_foam_phantoms(task):
         assert float(np.max(ax)) < 1.0
 
 
+@pytest.mark.parametrize("channels", [1, 3])
+def test_deblur_data_from_your_own_images(tmp_path, channels):
+    """`--data PATH`: patches of the images, blurred by the run's operator (each
+    channel of a colour image alike), noise drawn once."""
+    from eqx_steps.cli import _tasks
+    from eqx_steps.synthetic import make_phantoms
+
+    for i, x in enumerate(make_phantoms(5, size=24, channels=channels, seed=1)):
+        images.write_image(tmp_path / f"{i}.png", x)
+    s = _settings_of(
+        "--task", "deblur", "--model", "unet", "--depth", "2", *TINY,
+        "--data", str(tmp_path), "--psf", "gaussian", "--psf-size", "5",
+    )  # fmt: skip
+    s["data"] = str(tmp_path)
+    data = _data.load_data(s)
+    assert data.channels == channels and "blurred" in data.description
+    x, y = data.train["label"], data.train["image"]
+    assert x.shape == y.shape == (32, 16, 16, channels)
+    op = _tasks.make_operator(s, (16, 16) if channels == 1 else (16, 16, channels))
+    ax = np.asarray(jax.vmap(op)(jnp.asarray(x[..., 0] if channels == 1 else x)))
+    noise = y - (ax[..., None] if channels == 1 else ax)
+    assert np.std(noise) == pytest.approx(20 / 255, rel=0.1)
+    for c in range(channels):  # one kernel per channel, no mixing
+        single = jax.vmap(_tasks.make_operator(s, (16, 16)))(jnp.asarray(x[..., c]))
+        np.testing.assert_allclose(
+            (ax[..., None] if channels == 1 else ax)[..., c], single, atol=1e-5
+        )
+
+
 def test_foam_is_a_union_of_disks_prefix_stable():
     x = make_foam(6, size=48, seed=3)
     assert x.shape == (6, 48, 48, 1) and x.dtype == np.float32
