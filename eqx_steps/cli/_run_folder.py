@@ -160,6 +160,8 @@ def contents_line(run_dir: str) -> str:
         if steps
         else "; no checkpoint"
     )
+    if os.path.isdir(os.path.join(run_dir, "stage1")):  # SCICO's two-stage MoDL
+        checkpoints += "; the first stage's in stage1"
     return f"Run folder {run_dir}: {', '.join(files)}{checkpoints}"
 
 
