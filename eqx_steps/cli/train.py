@@ -237,11 +237,12 @@ def _finish(
     )
     if is_main_process():
         folder.write_curves(workdir, history)
-        task = "" if settings["task"] == "denoise" else f" ({tasks.describe(settings)})"
         title = (
-            f"{settings['model']}{task} after {step} steps, noise std "
+            f"{settings['model']} after {step} steps, noise std "
             f"{settings['noise']:g} (the SNR of each patch)"
         )
+        if settings["task"] != "denoise":
+            title += f"\n{tasks.describe(settings)}"
         shown = {
             "image": tasks.reference(settings, data.test["image"], data.test["label"]),
             "label": data.test["label"],
