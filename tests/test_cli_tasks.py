@@ -112,7 +112,7 @@ def test_the_data_are_measurements_of_foam_phantoms(task):
     np.testing.assert_array_equal(x, make_foam(32, size=16, seed=int(
         np.random.SeedSequence(0).spawn(4)[1].generate_state(1)[0])))  # fmt: skip
     op = _tasks.make_operator(s, (16, 16))
-    ax = np.asarray(jax.vmap(op)(jnp.asarray(x[..., 0])))[..., None]
+    ax = np.asarray(jax.jit(jax.vmap(op))(jnp.asarray(x[..., 0])))[..., None]
     assert data.test["image"].shape == ax.shape
     noise = data.test["image"] - ax
     assert np.std(noise) == pytest.approx(0.05, rel=0.1)
@@ -140,7 +140,9 @@ def test_deblur_data_from_your_own_images(tmp_path, channels):
     x, y = data.train["label"], data.train["image"]
     assert x.shape == y.shape == (32, 16, 16, channels)
     op = _tasks.make_operator(s, (16, 16) if channels == 1 else (16, 16, channels))
-    ax = np.asarray(jax.vmap(op)(jnp.asarray(x[..., 0] if channels == 1 else x)))
+    ax = np.asarray(
+        jax.jit(jax.vmap(op))(jnp.asarray(x[..., 0] if channels == 1 else x))
+    )
     noise = y - (ax[..., None] if channels == 1 else ax)
     assert np.std(noise) == pytest.approx(20 / 255, rel=0.1)
     for c in range(channels):  # one kernel per channel, no mixing
