@@ -61,6 +61,10 @@ def load_data(settings: Mapping[str, Any], *, train: bool = True) -> Data:
     `UsageError` for a missing, empty or unreadable PATH, or images smaller
     than the patch.
     """
+    if settings.get("task", "denoise") != "denoise":  # deblur, ct: measurements
+        from ._tasks import load_task_data
+
+        return load_task_data(settings, train)
     if settings.get("data") is None:
         return _synthetic(settings, train)
     return _from_images(settings, train)

@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
-from . import _run_folder as folder
+from . import _run_folder as folder, _tasks as tasks
 from ._data import Data, load_data
 from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
@@ -123,9 +123,16 @@ def _make_trainer(
     from ..trainer import BasicTrainer
 
     model, model_state = build_model(settings, data.channels)
+    # deblur/ct: SCICO's two-stage MoDL (stage 1 first), clip_positive on the
+    # networks' positive weights.
+    model, model_state = tasks.first_stage(
+        settings, data, workdir, model, model_state, trainer_config
+    )
     config: dict[str, Any] = trainer_config(settings, workdir)
     if data.train_step_fn is not None:
         config["train_step_fn"] = data.train_step_fn
+    if (post_lst := tasks.post_processing(settings)) is not None:
+        config["post_lst"] = post_lst
     try:
         with reported(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CheckpointFallbackWarning)
@@ -186,7 +193,18 @@ def _header(settings: dict[str, Any], data: Data, trainer: Any, out: str) -> str
         f"{settings['batch_size']}, lr {settings['lr']:g}"
         + (f", resuming at step {start}" if start else "")
         + f"\n  run folder: {out}"
+        + _task_lines(settings)
     )
+
+
+def _task_lines(settings: dict[str, Any]) -> str:
+    """The task and the network's sizes (deblur, ct), for the header."""
+    if settings["task"] == "denoise":
+        return ""
+    text = f"\n  task: {tasks.describe(settings)}"
+    if settings["model"] in tasks.INVERSE_MODELS:
+        text += f"\n  {settings['model']}: {tasks.model_line(settings)}"
+    return text
 
 
 def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
@@ -194,7 +212,7 @@ def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
     import jax
 
     return {
-        **{k: v for k, v in settings.items() if BY_NAME[k].saved},
+        **{k: v for k, v in tasks.saved(settings).items() if BY_NAME[k].saved},
         **trainer_config(settings, workdir),
         "channels": data.channels,
         "device_count": jax.device_count(),
@@ -223,7 +241,15 @@ def _finish(
             f"{settings['model']} after {step} steps, noise std "
             f"{settings['noise']:g} (the SNR of each patch)"
         )
-        folder.write_samples(workdir, data.test, output, snrs, title)
+        if settings["task"] != "denoise":
+            title += f"\n{tasks.describe(settings)}"
+        shown = {
+            "image": tasks.reference(settings, data.test["image"], data.test["label"]),
+            "label": data.test["label"],
+        }
+        folder.write_samples(
+            workdir, shown, output, snrs, title, names=tasks.names(settings)
+        )
     return text
 
 
