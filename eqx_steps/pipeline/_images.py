@@ -78,12 +78,10 @@ def _header(path: str) -> ImageHeader:
 
 
 def _skip_warning(skipped: list[tuple[str, str]]) -> None:
-    first_path, first_reason = skipped[0]
     more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
     warnings.warn(
-        f"skipped {len(skipped)} unreadable image(s): {first_path!r} "
-        f"({first_reason}){more}; pass on_error='raise' to stop at the first one "
-        "instead",
+        f"skipped {len(skipped)} unreadable image(s): {skipped[0][1]}{more}; pass "
+        "on_error='raise' to stop at the first one instead",
         stacklevel=3,
     )
 
@@ -127,14 +125,14 @@ def scan_images(
                 raise ValueError(
                     f"{e} (pass on_error='skip' to leave such images out)"
                 ) from None
-            skipped.append((f, str(e).split(": ", 1)[-1]))
-    if skipped:
-        _skip_warning(skipped)
+            skipped.append((f, str(e)))
     if not headers:
         raise ValueError(
-            f"none of the {len(files)} image files can be read, e.g. "
-            f"{skipped[0][0]!r}: {skipped[0][1]}"
+            f"none of the {len(files)} image files can be read; the first: "
+            f"{skipped[0][1]}"
         )
+    if skipped:
+        _skip_warning(skipped)
     return headers, skipped
 
 
@@ -408,6 +406,7 @@ def image_folder_dataset(
     workers: int = 0,
     on_error: Literal["skip", "raise"] = "skip",
     shuffle_window: int = 1024,
+    channels: int | None = None,
 ) -> ImageFolderDataset:
     """Batches of random patches of a folder of images, streamed through Grain.
 
@@ -457,6 +456,9 @@ def image_folder_dataset(
         (`"raise"`).
     - `shuffle_window`: how many patches are shuffled together (their memory:
         `shuffle_window * patch_size**2 * C * 4` bytes).
+    - `channels`: `C`; `None`: 3 when any image is in colour, else 1. Give 3 to
+        read grayscale images as colour ones (say, to match a test set that
+        holds colour images).
 
     **Returns:**
 
@@ -497,7 +499,7 @@ def image_folder_dataset(
         raise TypeError(f"`augment` must be True or False, got {augment!r}.")
     headers, skipped = scan_images(folder, on_error)
     _check_sizes(headers, patch_size)
-    channels = max(h.channels for h in headers)
+    channels = _channels(headers, channels)
     patches = _EpochPatches(
         headers, channels, patches_per_epoch, patch_size, seed, augment, on_error
     )
@@ -535,12 +537,25 @@ def image_folder_dataset(
     )
 
 
+def _channels(headers: Sequence[ImageHeader], channels: int | None) -> int:
+    least = max(h.channels for h in headers)
+    if channels is None:
+        return least
+    if channels not in (1, 3) or channels < least:
+        raise ValueError(
+            f"`channels` must be 1 or 3, and 3 when an image is in colour, got "
+            f"{channels!r}; leave it out to follow the images."
+        )
+    return channels
+
+
 def fixed_patches(
     headers: Sequence[ImageHeader],
     n: int,
     *,
     size: int,
     seed: int | np.random.SeedSequence,
+    channels: int | None = None,
 ) -> Float[np.ndarray, "n size size C"]:
     """The patches `random_patches(read_images(...), n, size=size, seed=seed)`
     gives, decoding one image at a time (a test set of a large folder).
@@ -549,7 +564,7 @@ def fixed_patches(
     """
     _check_sizes(headers, size)
     which, ys, xs = _patch_plan([(h.height, h.width) for h in headers], n, size, seed)
-    channels = max(h.channels for h in headers)
+    channels = _channels(headers, channels)
     out = np.empty((n, size, size, channels), np.float32)
     for j, h in enumerate(headers):
         (slots,) = np.nonzero(which == j)
