@@ -14,7 +14,7 @@ from PIL import Image
 
 import eqx_steps as es
 from eqx_steps import cli, images
-from eqx_steps.pipeline import image_folder_dataset
+from eqx_steps.pipeline import image_folder_dataset, PipelineError
 
 
 def _write(folder: pathlib.Path, name: str, pixels: np.ndarray) -> pathlib.Path:
@@ -145,7 +145,7 @@ def test_image_broken_after_its_header_skipped_or_refused_when_decoded(tmp_path)
     (tmp_path / "b.png").write_bytes(good.read_bytes()[:60])  # header, cut data
     ds = _dataset(tmp_path, patch_size=16, on_error="raise")
     assert not ds.skipped  # its header reads
-    with pytest.raises(ValueError, match=r"cannot read image .*b\.png"):
+    with pytest.raises(PipelineError, match=r"cannot read image .*b\.png"):
         _take(ds, 12)
     ds = _dataset(tmp_path, patch_size=16)
     with pytest.warns(UserWarning, match=r"skipped an unreadable image.*b\.png"):
@@ -269,3 +269,37 @@ def test_augment_needs_a_folder(tmp_path, capsys):
         cli.main(["train", *TINY, "--data", str(one), "--augment",
                   "--out", str(tmp_path / "run")])  # fmt: skip
     assert info.value.code == 2 and "--augment" in capsys.readouterr().err
+
+
+def test_train_stops_on_an_image_that_cannot_be_decoded(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    for name in ("a", "b", "c"):  # c is the test image
+        _write(tmp_path, f"{name}.png", rng.integers(0, 256, (16, 16), np.uint8))
+    data = tmp_path / "b.png"
+    data.write_bytes(data.read_bytes()[:60])  # its header reads, its pixels not
+    out = tmp_path / "run"
+    argv = ["train", *TINY, "--data", str(tmp_path), "--out", str(out)]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--on-bad-image", "raise"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1, err
+    assert re.search(r"image pipeline stopped: cannot read image .*b\.png", err)
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_stops_the_pipeline_with_its_error(folder):
+    import psutil
+
+    iterator = iter(_dataset(folder, workers=1))
+    next(iterator)
+    (worker,) = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if "spawn_main" in " ".join(p.cmdline())
+    ]
+    worker.kill()  # not reaped here: Grain reads its exit status
+    with pytest.raises(PipelineError, match="terminated unexpectedly"):
+        for _ in range(1000):  # what the worker had sent before it died
+            next(iterator)
+    iterator.close()

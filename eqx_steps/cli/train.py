@@ -147,10 +147,12 @@ def _make_trainer(
                 model_state=model_state,
                 fallback=fallback,
             )
-    except UsageError:
+    except (UsageError, *_pipeline_errors(data)) as e:  # the first batch, too
         if created and is_main_process():
             folder.remove_if_empty(workdir)
-        raise
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(one_line(e)) from None
     why = "the latest complete checkpoint"
     for w in caught:
         if issubclass(w.category, CheckpointFallbackWarning):
@@ -263,6 +265,15 @@ def _interrupted(error: Any, out: str) -> NoReturn:
     raise SystemExit(error.exit_status)
 
 
+def _pipeline_errors(data: Data) -> tuple[type[BaseException], ...]:
+    """The errors of a streamed training set's pipeline (none for arrays)."""
+    if isinstance(data.train, dict):
+        return ()
+    from ..pipeline import PipelineError
+
+    return (PipelineError,)
+
+
 TENSORBOARD_DIR = "tensorboard"
 """The folder of `--tensorboard`'s event files in the run folder."""
 
@@ -324,6 +335,15 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(130) from None
         except OSError as e:  # a checkpoint that could not be written
             raise UsageError(one_line(e)) from None
+        except _pipeline_errors(data) as e:  # a bad image, a worker that died
+            if main:
+                print(
+                    f"eqx-steps train: {one_line(e)}; the latest checkpoint is "
+                    f"intact: continue with eqx-steps train --out {out} --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SystemExit(1) from None
         text = _finish(settings, data, state, history, workdir)
         if tensorboard is not None and main:
             tensorboard.add_image(

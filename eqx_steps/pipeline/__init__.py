@@ -7,4 +7,5 @@
 from ._images import (
     image_folder_dataset as image_folder_dataset,
     ImageFolderDataset as ImageFolderDataset,
+    PipelineError as PipelineError,
 )

@@ -287,6 +287,12 @@ class _Pairs:
         return {"image": clean + np.float32(self.noise_std) * z, "label": clean}
 
 
+class PipelineError(RuntimeError):
+    """The input pipeline stopped: an image that could not be decoded (with
+    `on_error="raise"`), a worker process that died, or another error in it.
+    The message names the cause; `__cause__` is the original exception."""
+
+
 class _Iterator(grain.DatasetIterator):
     """The pipeline's iterator, which lets go of it when the program ends.
 
@@ -300,7 +306,13 @@ class _Iterator(grain.DatasetIterator):
         _close_at_exit(self)
 
     def __next__(self) -> Any:
-        return next(self._parent)
+        try:
+            return next(self._parent)
+        except StopIteration:
+            raise
+        except Exception as e:
+            text = " ".join(str(e).split()) or type(e).__name__
+            raise PipelineError(f"the image pipeline stopped: {text}") from e
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()
@@ -452,8 +464,9 @@ def image_folder_dataset(
         this process).
     - `on_error`: an image that cannot be read is skipped with a warning
         (`"skip"`: the `skipped` attribute lists those found when the folder is
-        scanned) or stops the pipeline with a `ValueError` naming the file
-        (`"raise"`).
+        scanned) or refused (`"raise"`): here with a `ValueError` naming the file
+        when its header cannot be read, or, when its pixels cannot be decoded,
+        while iterating with a [`eqx_steps.pipeline.PipelineError`][] naming it.
     - `shuffle_window`: how many patches are shuffled together (their memory:
         `shuffle_window * patch_size**2 * C * 4` bytes).
     - `channels`: `C`; `None`: 3 when any image is in colour, else 1. Give 3 to
@@ -469,7 +482,9 @@ def image_folder_dataset(
 
     `FileNotFoundError` for a missing folder; `ValueError` for a folder without
     readable images, an image smaller than the patch, an unreadable image with
-    `on_error="raise"` or a bad argument (naming it).
+    `on_error="raise"` or a bad argument (naming it). Iterating raises a
+    [`eqx_steps.pipeline.PipelineError`][] when the pipeline stops (an image that
+    cannot be decoded with `on_error="raise"`, a worker process that died).
 
     !!! example
 
