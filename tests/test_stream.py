@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 from PIL import Image
 
 import eqx_steps as es
@@ -99,6 +100,26 @@ def test_same_seed_same_batches_fresh_patches_every_epoch(folder):
     epoch0 = {p.tobytes() for b in first[:6] for p in b["label"]}
     epoch1 = {p.tobytes() for b in first[6:] for p in b["label"]}
     assert len(epoch0 & epoch1) < len(epoch0) // 2
+
+
+@given(st.integers(0, 14), st.booleans())
+@settings(max_examples=4)
+def test_iterator_state_round_trip(folder, k, augment):
+    """An iterator restored from the state of another after `k` batches goes on
+    with the batches the other one yields (what a checkpoint of it needs)."""
+    ds = _dataset(folder, augment=augment, noise_std=0.1, shuffle_window=10)
+    first = iter(ds)
+    for _ in range(k):
+        next(first)
+    state = first.get_state()
+    expected = [next(first) for _ in range(4)]
+    second = iter(ds)
+    second.set_state(state)
+    for want in expected:
+        got = next(second)
+        np.testing.assert_array_equal(got["image"], want["image"])
+    first.close()
+    second.close()
 
 
 def test_noise_is_seeded_and_of_the_given_std(folder):
