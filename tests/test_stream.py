@@ -292,6 +292,7 @@ def test_augment_needs_a_folder(tmp_path, capsys):
     assert info.value.code == 2 and "--augment" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_train_stops_on_an_image_that_cannot_be_decoded(tmp_path, capsys):
     rng = np.random.default_rng(3)
     for name in ("a", "b", "c"):  # c is the test image
