@@ -325,3 +325,14 @@ def test_a_worker_that_dies_stops_the_pipeline_with_its_error(folder):
         for _ in range(1000):  # what the worker had sent before it died
             next(iterator)
     iterator.close()
+
+
+def test_train_refuses_an_epoch_smaller_than_a_batch(folder, tmp_path, capsys):
+    argv = ["train", *TINY, "--data", str(folder), "--out", str(tmp_path / "run")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--train-size", "4"])
+    err = capsys.readouterr().err
+    assert (
+        info.value.code == 2 and "--train-size 4 is smaller than --batch-size 8" in err
+    )
+    assert not (tmp_path / "run").exists()

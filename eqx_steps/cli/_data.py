@@ -245,6 +245,12 @@ def _from_folder(settings: Mapping[str, Any], folder: Any, train: bool) -> Data:
         )
     train_ds: Any = {}
     if train:
+        if settings["train_size"] < settings["batch_size"]:
+            raise UsageError(
+                f"--train-size {settings['train_size']} is smaller than --batch-size "
+                f"{settings['batch_size']}: an epoch would not fill one batch; use "
+                f"--train-size {settings['batch_size']} or more"
+            )
         with reported("--data: "):
             train_ds = image_folder_dataset(
                 [h.path for h in train_headers],
