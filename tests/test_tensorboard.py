@@ -145,3 +145,14 @@ def test_train_tensorboard_writes_the_run(tmp_path):
     )
     images = [v.tag for e in _events(logdir) for v in e.summary.value if v.image.width]
     assert images == ["samples"]
+
+
+def test_train_tensorboard_without_tensorboardx_exits_2(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "tensorboardX", None)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--out", str(out), "--tensorboard"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert 'pip install "eqx_steps[tensorboard]"' in err
+    assert not out.exists()
