@@ -14,7 +14,10 @@ of the medians.
     pytest benchmarks/test_stream.py --benchmark-only -s
 
 `EQX_STREAM_WORKERS` sets the worker count (default: the CPU cores minus one,
-at least 1).
+at least 1). Measured on a 2-core machine shared with other jobs, 4 CPU
+devices, DnCNN depth 4 with 32 filters: 0.991x with 1 worker (816 ms vs 824 ms
+per step, load 18.3), 1.038x with 0 workers (decoding in threads of the
+training process; 740 ms vs 713 ms, load 16.9).
 """
 
 from __future__ import annotations
