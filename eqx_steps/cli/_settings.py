@@ -18,7 +18,7 @@ from ._models import MODEL_DEPTH, MODELS
 from ._tasks import ODP_BLOCKS, PSFS, TASKS
 
 
-_KIND = {int: "an integer", float: "a number", str: "a string"}
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +26,7 @@ class Setting:
     """One setting: its key (config files, `config.json`), option and check."""
 
     name: str  # the key; the option is --name-with-dashes
-    kind: type  # int, float or str
+    kind: type  # int, float, str, or bool (a flag on the command line)
     default: Any
     help: str
     minimum: float | None = None
@@ -61,6 +61,10 @@ class Setting:
                     f"{where} must be one of {', '.join(self.choices)}, got {value!r}"
                     + (f" (did you mean {close[0]!r}?)" if close else "")
                 )
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise UsageError(f"{where} must be true or false, got {value!r}")
             return value
         try:
             if self.kind is int:
@@ -102,6 +106,9 @@ class Setting:
         text = text or self.help
         if "(default:" not in text:
             text = f"{text} (default: {self.default})"
+        if self.kind is bool:  # a flag: given means true
+            parser.add_argument(self.flag, action="store_true", default=None, help=text)
+            return
         metavar = self.metavar or self.name.upper()
         if self.choices:
             metavar = "{" + ",".join(self.choices) + "}"
@@ -145,13 +152,37 @@ SETTINGS: tuple[Setting, ...] = (
         "data",
         str,
         None,
-        "train on your own images: a folder of PNG/JPEG/TIFF files, one image "
-        "file, or an .npy/.npz array (values in [0, 1], or 8/16-bit); random "
-        "--patch patches, fresh noise of std --noise at every step; one image in "
-        "five (a single image: its bottom fifth) held out for the test set "
-        "(default: synthetic phantoms)",
+        "train on your own images: a folder of PNG/JPEG/TIFF files (streamed: "
+        "images decoded as needed, fresh --patch patches every epoch), one image "
+        "file, or an .npy/.npz array (values in [0, 1], or 8/16-bit; read into "
+        "memory, patches cut once); fresh noise of std --noise at every step; one "
+        "image in five (a single image: its bottom fifth) held out for the test "
+        "set (default: synthetic phantoms)",
         nullable=True,
         metavar="PATH",
+    ),
+    Setting(
+        "workers",
+        int,
+        0,
+        "with --data FOLDER: Grain worker processes decoding the images (0: "
+        "threads of this process); the patches do not depend on it",
+        minimum=0,
+    ),
+    Setting(
+        "augment",
+        bool,
+        False,
+        "with --data FOLDER: turn and flip each training patch at random (one of "
+        "the 8 symmetries of the square)",
+    ),
+    Setting(
+        "on_bad_image",
+        str,
+        "skip",
+        "with --data FOLDER: an image that cannot be read is skipped (with a note "
+        "and counted) or stops the run, naming it",
+        choices=("skip", "raise"),
     ),
     Setting(
         "noise",
