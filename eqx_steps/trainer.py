@@ -47,10 +47,11 @@ from ._validate import (
     DATA_KEYS,
     is_integer_image,
 )
-from .checkpoint import checkpoint_save
+from .checkpoint import checkpoint_save, latest_step, load_data_state
 from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
+from .pipeline import GrainIter, GrainStream, is_grain, PipelineError, renamed
 from .schedules import as_schedule
 from .state import per_example, TrainState, whole_batch
 from .steps import eval_step, train_step
@@ -234,7 +235,16 @@ class BasicTrainer:
         keys = (cfg.input_key, cfg.target_key)
         check_model(model)
         self.stream: BatchStream | None = None
-        if not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
+        self.grain: GrainStream | None = None
+        if is_grain(train_ds):
+            self.grain = GrainStream(
+                renamed(train_ds, lambda b: _as_step_batch("train_ds", b, keys)),
+                cfg.batch_size,
+                train=True,
+                name="train_ds",
+            )
+            first = self.grain.peek()
+        elif not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
             self.stream = BatchStream(
                 train_ds,
                 dtype=None,  # set below, once the model's dtype is known
@@ -245,12 +255,15 @@ class BasicTrainer:
         else:
             check_dataset("train_ds", train_ds, keys)
             first = train_ds = _as_step_batch("train_ds", train_ds, keys)
-        if test_ds is not None:
+        if is_grain(test_ds):
+            test_ds = renamed(test_ds, lambda b: _as_step_batch("test_ds", b, keys))
+        elif test_ds is not None:
             check_dataset("test_ds", test_ds, keys)
             test_ds = _as_step_batch("test_ds", test_ds, keys)
         n = jax.device_count()
+        default = self.grain.batch_size if self.grain is not None else None
         self.batch_size = check_divisible(
-            "config['batch_size']", cfg.batch_size or 2 * n, n, "devices"
+            "config['batch_size']", cfg.batch_size or default or 2 * n, n, "devices"
         )
         self.data_key, _ = jax.random.split(jax.random.key(cfg.seed))
         self.train_ds, self.test_ds = train_ds, test_ds
@@ -270,7 +283,7 @@ class BasicTrainer:
         # the default convention: one array, handed to the model as it is.
         self.image_key = "image" if forward in (per_example, whole_batch) else None
         _warn_unscaled_images(first["image"], self.image_key is not None)
-        _warn_unused_entries(cfg, first, test_ds)
+        _warn_unused_entries(cfg, first, None if is_grain(test_ds) else test_ds)
         self.eval_dt_iter = (
             None
             if test_ds is None
@@ -291,6 +304,15 @@ class BasicTrainer:
                 raise ValueError(
                     "`train_ds` is an iterable of batches without a length, so the "
                     "run has no epochs to count: set config['num_steps'] (the "
+                    "number of training steps)."
+                )
+            self.steps_per_epoch = size or cfg.num_steps or 1
+        elif self.grain is not None:
+            size = self.grain.steps_per_epoch
+            if size is None and cfg.num_steps is None:
+                raise ValueError(
+                    f"`train_ds` is a Grain {self.grain.kind} without a length, so "
+                    "the run has no epochs to count: set config['num_steps'] (the "
                     "number of training steps)."
                 )
             self.steps_per_epoch = size or cfg.num_steps or 1
@@ -327,6 +349,9 @@ class BasicTrainer:
         if self.stream is not None:
             self.stream.step = int(self.state.step)
             self.train_dt_iter = self.stream.view(1)
+        elif self.grain is not None:
+            self._restore_input(int(self.state.step))
+            self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         elif int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         # With a ready optimizer, the recorded learning rate is the one its state
@@ -358,9 +383,45 @@ class BasicTrainer:
         [`eqx_steps.parallel_eval_step`][])."""
         return self.eval_fn
 
+    def _restore_input(self, step: int) -> None:
+        """Continue the Grain input from the state saved with checkpoint `step`."""
+        assert self.grain is not None
+        saved = None
+        if step and self.config.checkpointing:
+            saved = load_data_state(self.workdir, step=step)
+        if saved is not None:
+            self.grain.restore(step, saved)
+        elif step:
+            warnings.warn(
+                f"the checkpoint of step {step} holds no input-pipeline state (it "
+                "was written by a run on a dict of arrays, or by an older version): "
+                "`train_ds` is read from its start, so the resumed run does not see "
+                "the batches the uninterrupted run would have.",
+                stacklevel=3,
+            )
+
+    def input_state(self, step: int) -> dict[str, Any] | None:
+        """The input's state saved with the checkpoint of `step`: for a Grain
+        `train_ds`, its iterator's state from which the batch of `step` follows
+        (JSON; see [`eqx_steps.load_data_state`][]); `None` for a dict of arrays
+        or an iterable, whose batches follow from the step alone or are not
+        tracked. In a multi-process run whose pipeline yields per-process
+        batches, every process must call it at the same step (it gathers their
+        states).
+        """
+        return None if self.grain is None else self.grain.checkpoint_state(step)
+
     def _train_iter(self, step: int, steps_per_call: int) -> Any:
         if self.stream is not None:  # a user's iterable: read on, never rewound
             return self.stream.view(steps_per_call)
+        if self.grain is not None:  # one stream, read forwards, held by step
+            return GrainIter(
+                self.grain,
+                start_step=step,
+                steps_per_call=steps_per_call,
+                dtype=self.dtype,
+                image_key=self.image_key,
+            )
         return create_input_iter(
             self.data_key,
             typing.cast(Mapping[str, Any], self.train_ds),
@@ -454,7 +515,12 @@ class BasicTrainer:
         return hooks
 
     def _save(self, info: StepInfo) -> None:
-        checkpoint_save(info.state, self.config.to_dict(), self.workdir)
+        checkpoint_save(
+            info.state,
+            self.config.to_dict(),
+            self.workdir,
+            data_state=self.input_state(info.step),
+        )
 
     def _stop(self, info: StepInfo, signum: int) -> TrainingInterrupted:
         """Save `info`'s state (with checkpointing) and say so, after a signal."""
@@ -522,7 +588,11 @@ class BasicTrainer:
                 k = call_size(step, cfg.steps_per_call, self.num_steps, periods)
                 if k not in iters or iters[k].step != step:
                     iters[k] = self._train_iter(step, k)
-                state, metrics = self._train_fns[k](state, next(iters[k]))
+                try:
+                    batch = next(iters[k])
+                except PipelineError as e:
+                    raise self._input_failed(e, step) from e
+                state, metrics = self._train_fns[k](state, batch)
                 before, step = step, step + k
                 info = StepInfo(step, step // self.steps_per_epoch, state, metrics, k)
                 for hook in hooks:
@@ -535,6 +605,23 @@ class BasicTrainer:
         if self.history.records:
             self.log("Done: " + format_record(self.history.records[-1]))
         return self._result(state)
+
+    def _input_failed(self, error: PipelineError, step: int) -> PipelineError:
+        """`error` with where the run stopped and what was saved."""
+        if self.grain is not None:
+            self.grain.close()
+        if not self.config.checkpointing:
+            saved = "nothing was saved (checkpointing is off)."
+        else:
+            last = latest_step(self.workdir)
+            saved = (
+                f"the last checkpoint, step {last} in {self.workdir!r}, is intact: fix "
+                "the input and run again to resume from it, with the batches the "
+                "uninterrupted run would have seen."
+                if last is not None
+                else f"no checkpoint was saved yet in {self.workdir!r}."
+            )
+        return PipelineError(f"{error} The run stopped at step {step}; {saved}", step)
 
     def _result(self, state: TrainState) -> tuple[Any, History]:
         if self.config.return_state:

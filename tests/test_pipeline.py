@@ -1,0 +1,220 @@
+"""Grain inputs (issue 22): `BasicTrainer`, `create_input_iter` and
+`evaluate_dataset` read Grain datasets and loaders; the input's state rides in
+each checkpoint, so a resumed run sees the batches of the uninterrupted one; bad
+input fails clearly. Through the public API, on 1 process x 4 CPU devices (the
+multi-process runs are in tests/test_pipeline_distributed.py)."""
+
+import grain
+import jax
+import numpy as np
+import optax
+import pytest
+from helpers import mlp
+from mp_transforms import FailOn
+
+import eqx_steps as es
+from eqx_steps.pipeline import PipelineError
+
+
+_RNG = np.random.default_rng(7)
+_X = _RNG.normal(size=(32, 4)).astype(np.float32)
+_Y = np.stack([np.sin(_X[:, 0]), _X[:, 1] * _X[:, 2]], -1).astype(np.float32)
+_DS = {"image": _X, "label": _Y}
+_EXAMPLES = [{"image": _X[i], "label": _Y[i]} for i in range(len(_X))]
+_BASE = {"batch_size": 8, "opt_type": "SGD", "base_learning_rate": 0.05}
+
+
+def _map_ds(shuffle=True):
+    """Global batches of 8, a fresh order every epoch (an endless MapDataset)."""
+    ds = grain.MapDataset.source(_EXAMPLES)
+    if shuffle:
+        ds = ds.shuffle(seed=3)
+    return ds.repeat().batch(8, drop_remainder=True)
+
+
+def _iter_ds():
+    """One epoch of shuffled global batches (an IterDataset, read again per pass)."""
+    return (
+        grain.MapDataset.source(_EXAMPLES)
+        .shuffle(seed=4)
+        .to_iter_dataset()
+        .batch(8, drop_remainder=True)
+    )
+
+
+def _loader(workers=0, flag="/nonexistent"):
+    sampler = grain.samplers.IndexSampler(
+        len(_EXAMPLES),
+        shard_options=grain.sharding.NoSharding(),
+        shuffle=True,
+        num_epochs=None,
+        seed=5,
+    )
+    return grain.DataLoader(
+        data_source=_EXAMPLES,
+        sampler=sampler,
+        operations=[
+            FailOn(_X[13, 0], flag),
+            grain.transforms.Batch(8, drop_remainder=True),
+        ],
+        worker_count=workers,
+    )
+
+
+def _train(ds, workdir=None, num_steps=10, **config):
+    cfg = {**_BASE, "num_steps": num_steps, "log_every_steps": 2, **config}
+    if workdir is not None:
+        cfg.update(checkpointing=True, workdir=str(workdir), steps_per_checkpoint=2)
+    trainer = es.BasicTrainer(cfg, mlp(), ds)
+    state, _ = trainer.train()
+    return state
+
+
+def _same(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# --- Grain inputs read as dicts of arrays are ----------------------------------------
+
+
+def test_grain_batches_train_as_the_same_batches_from_a_dict():
+    """In order, the batches of a MapDataset are the dict's with shuffle off:
+    the same final state, bit for bit; an IterDataset of them too."""
+    from_dict = _train(_DS, shuffle=False)
+    from_map = _train(_map_ds(shuffle=False))
+    _same(from_dict.model, from_map.model)
+    one_pass = grain.MapDataset.source(_EXAMPLES).to_iter_dataset().batch(8)
+    _same(from_dict.model, _train(one_pass).model)  # read again at each pass
+
+
+def test_create_input_iter_places_grain_batches_like_a_dict():
+    it = es.create_input_iter(None, _map_ds(shuffle=False), 8, steps_per_call=2)
+    ref = es.create_input_iter(None, _DS, 8, shuffle=False, steps_per_call=2)
+    for _ in range(3):
+        a, b = next(it), next(ref)
+        assert a["image"].shape == (2, 4, 2, 4)  # (steps, devices, per device, ...)
+        assert a["image"].sharding == b["image"].sharding
+        _same(a, b)
+    assert it.step == 6
+
+
+def test_evaluate_dataset_on_grain_equals_the_dict():
+    """A last smaller batch (drop_remainder=False) counts as the dict's remainder."""
+    state = es.TrainState.create(mlp(), optax.sgd(0.1))
+    fn = es.parallel_eval_step(es.mse_loss, es.compute_metrics)
+    ds = {k: v[:28] for k, v in _DS.items()}
+    kw = {"criterion": es.mse_loss, "metrics_fn": es.compute_metrics}
+    ref = es.evaluate_dataset(fn, state, ds, 8, **kw)
+    source = grain.MapDataset.source(_EXAMPLES[:28]).batch(8)
+    got = es.evaluate_dataset(fn, state, source, 8, **kw)
+    assert got == pytest.approx(ref, rel=1e-6)
+    some = es.evaluate_dataset(fn, state, source, 8, max_batches=2, **kw)
+    assert some == pytest.approx(
+        es.evaluate_dataset(fn, state, ds, 8, max_batches=2, **kw), rel=1e-6
+    )
+
+
+def test_a_grain_test_set_and_other_key_names():
+    config = {**_BASE, "num_steps": 4, "log_every_steps": 4, "input_key": "x",
+              "target_key": "y"}  # fmt: skip
+    rows = [{"x": e["image"], "y": e["label"]} for e in _EXAMPLES]
+    train = grain.MapDataset.source(rows).repeat().batch(8, drop_remainder=True)
+    test = grain.MapDataset.source(rows[:20]).batch(8)
+    trainer = es.BasicTrainer(config, mlp(), train, test)
+    _, history = trainer.train()
+    dict_test = {"x": _X[:20], "y": _Y[:20]}
+    ref = es.BasicTrainer(config, mlp(), {"x": _X, "y": _Y}, dict_test)
+    assert history.records[-1]["eval_loss"] == pytest.approx(
+        ref.evaluate(trainer.state)["loss"], rel=1e-6
+    )
+
+
+# --- the input's state in each checkpoint: exact resume ------------------------------
+
+
+@pytest.mark.parametrize("kind", ["map", "iter", "loader"])
+def test_resume_sees_the_batches_of_the_uninterrupted_run(kind, tmp_path):
+    make = {"map": _map_ds, "iter": _iter_ds, "loader": _loader}[kind]
+    whole = _train(make(), num_steps=10, steps_per_call=2)
+    # Interrupted at step 6 (mid-epoch for the 4-batch epochs), resumed to 10.
+    _train(make(), tmp_path, num_steps=6, steps_per_call=2)
+    state = es.load_data_state(tmp_path)
+    assert state is not None and state["step"] == 6 and state["rows"] == "global"
+    resumed = _train(make(), tmp_path, num_steps=10, steps_per_call=2)
+    assert int(resumed.step) == 10
+    _same(whole.model, resumed.model)
+
+
+def test_without_a_stored_input_state_a_checkpoint_still_restores(tmp_path):
+    _train(_DS, tmp_path, num_steps=4)  # a dict run stores no input state
+    assert es.load_data_state(tmp_path) is None
+    with pytest.warns(UserWarning, match="no input-pipeline state"):
+        trainer = es.BasicTrainer(
+            {**_BASE, "num_steps": 6, "checkpointing": True, "workdir": str(tmp_path)},
+            mlp(),
+            _map_ds(),
+        )
+    assert int(trainer.state.step) == 4
+
+
+def test_a_changed_batch_size_is_refused_on_resume(tmp_path):
+    _train(_map_ds(), tmp_path, num_steps=2)
+    ds = grain.MapDataset.source(_EXAMPLES).repeat().batch(16, drop_remainder=True)
+    with pytest.raises(ValueError, match="global batch size 8.*this run's is 16"):
+        es.BasicTrainer(
+            {
+                **_BASE,
+                "batch_size": 16,
+                "num_steps": 4,
+                "checkpointing": True,
+                "workdir": str(tmp_path),
+            },  # fmt: skip
+            mlp(),
+            ds,
+        )
+
+
+# --- bad input --------------------------------------------------------------------
+
+
+def test_fewer_examples_than_one_global_batch_is_named():
+    five = grain.MapDataset.source(_EXAMPLES[:5])
+    with pytest.raises(ValueError, match="5 examples, fewer than `batch_size` = 8"):
+        es.BasicTrainer({**_BASE, "num_steps": 2}, mlp(), five.batch(8))
+    with pytest.raises(ValueError, match="yields no batch.*batch of `batch_size` = 8"):
+        es.BasicTrainer(
+            {**_BASE, "num_steps": 2}, mlp(), five.batch(8, drop_remainder=True)
+        )
+    with pytest.raises(ValueError, match="different leading sizes.*must be batched"):
+        es.BasicTrainer({**_BASE, "num_steps": 2}, mlp(), five)  # not batched
+    one = grain.MapDataset.source([{"image": _X[i], "label": _X[i]} for i in range(9)])
+    with pytest.raises(ValueError, match="batch of 4 examples.*must be batched"):
+        es.BasicTrainer({**_BASE, "num_steps": 2}, mlp(), one)
+    with pytest.raises(ValueError, match="step 3, smaller than the 8"):
+        es.BasicTrainer({**_BASE, "num_steps": 8}, mlp(), _iter_ds_of(28)).train()
+
+
+def _iter_ds_of(n):
+    return grain.MapDataset.source(_EXAMPLES[:n]).to_iter_dataset().batch(8)
+
+
+@pytest.mark.slow
+def test_a_dying_worker_stops_the_run_and_resume_works(tmp_path):
+    """A DataLoader worker whose transform raises: the run stops with the
+    worker's error (not a hang), the last checkpoint is intact, and resuming
+    from it gives the uninterrupted run's state."""
+    flag = tmp_path / "broken"
+    workdir = tmp_path / "run"
+    _train(_loader(workers=1, flag=str(flag)), workdir, num_steps=6)
+    flag.touch()  # record 13 now fails to decode; it comes in every epoch of 4 steps
+    with pytest.raises(PipelineError, match="cannot decode record 13") as info:
+        _train(_loader(workers=1, flag=str(flag)), workdir, num_steps=16)
+    stopped = es.latest_step(workdir)
+    assert stopped is not None and 6 <= stopped < 16
+    assert f"the last checkpoint, step {stopped}" in str(info.value)
+    assert "is intact" in str(info.value)
+    flag.unlink()  # the bad record fixed
+    resumed = _train(_loader(workers=1, flag=str(flag)), workdir, num_steps=16)
+    whole = _train(_loader(workers=0), num_steps=16)  # the same batches as 1 worker
+    _same(whole.model, resumed.model)
