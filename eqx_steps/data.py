@@ -230,7 +230,11 @@ def create_input_iter(
 
     - `key`: a PRNG key or int seed for the shuffling (training only).
     - `dataset`: a dict of arrays (or PyTrees of arrays) with equal leading
-        length.
+        length; or a Grain `MapDataset`, `IterDataset` or `DataLoader` whose
+        elements are such dicts, one global batch each (see the "Data
+        pipelines" page): then `key`, `shuffle` and `start_step` (0) do not
+        apply, the pipeline orders its batches itself, and a
+        [`eqx_steps.pipeline.GrainIter`][] is returned.
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `size_device_prefetch`: batches placed ahead (0 places each when asked).
     - `dtype`: dtype of the floating leaves and of an integer image (`None`
@@ -244,7 +248,8 @@ def create_input_iter(
 
     **Returns:**
 
-    A [`eqx_steps.data.DeviceIter`][] yielding dicts of JAX arrays; it exposes
+    A [`eqx_steps.data.DeviceIter`][] (for a Grain input, a
+    [`eqx_steps.pipeline.GrainIter`][]) yielding dicts of JAX arrays; it exposes
     `steps_per_epoch`, `num_batches` (counted in batches, not items), `remainder`
     and `remainder_batch()`.
     """
@@ -262,7 +267,7 @@ def create_input_iter(
                 f"`dtype` = {dtype} is not a floating dtype; it is the dtype of the "
                 "floating entries: pass e.g. jnp.float32 or jnp.bfloat16 (or None)."
             )
-    from .pipeline import grain_input_iter, is_grain
+    from .pipeline._grain import grain_input_iter, is_grain
 
     if is_grain(dataset):
         if start_step:

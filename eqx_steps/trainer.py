@@ -51,7 +51,8 @@ from .checkpoint import checkpoint_save, latest_step, load_data_state
 from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
-from .pipeline import GrainIter, GrainStream, is_grain, PipelineError, renamed
+from .pipeline import GrainIter, GrainStream, is_grain, PipelineError
+from .pipeline._grain import renamed
 from .schedules import as_schedule
 from .state import per_example, TrainState, whole_batch
 from .steps import eval_step, train_step
@@ -180,8 +181,8 @@ class BasicTrainer:
         self,
         config: Mapping[str, Any] | TrainConfig,
         model: PyTree,
-        train_ds: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-        test_ds: Mapping[str, Any] | None = None,
+        train_ds: Mapping[str, Any] | Iterable[Mapping[str, Any]] | Any,
+        test_ds: Mapping[str, Any] | Any | None = None,
         *,
         model_state: eqx.nn.State | None = None,
         key: PRNGKeyArray | None = None,
@@ -204,7 +205,14 @@ class BasicTrainer:
             re-iterable one (a list, a loader object) starts a new pass when it
             ends; one without a length needs `config["num_steps"]`; a resumed run
             reads on from where the iterable is (it does not skip batches).
-        - `test_ds`: a dict as `train_ds`, or `None` (no evaluation: the records
+            Or a Grain `MapDataset`, `IterDataset` or `DataLoader` of global
+            batches of `config["batch_size"]` (or, sharded by process, of each
+            process's share): its state is stored in each checkpoint and a
+            resumed run reads on with the batches the uninterrupted run would
+            have seen (see the "Data pipelines" page); one without a length
+            needs `config["num_steps"]`.
+        - `test_ds`: a dict as `train_ds` (or a Grain input of batches, read
+            one pass per evaluation), or `None` (no evaluation: the records
             hold the train metrics only). Entries beyond the input and the
             target reach a custom `train_step_fn`/`eval_step_fn` in each batch;
             with the stock steps, which do not read them, a warning names them.

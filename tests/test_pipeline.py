@@ -78,6 +78,7 @@ def _same(a, b):
 # --- Grain inputs read as dicts of arrays are ----------------------------------------
 
 
+@pytest.mark.slow
 def test_grain_batches_train_as_the_same_batches_from_a_dict():
     """In order, the batches of a MapDataset are the dict's with shuffle off:
     the same final state, bit for bit; an IterDataset of them too."""
@@ -86,6 +87,9 @@ def test_grain_batches_train_as_the_same_batches_from_a_dict():
     _same(from_dict.model, from_map.model)
     one_pass = grain.MapDataset.source(_EXAMPLES).to_iter_dataset().batch(8)
     _same(from_dict.model, _train(one_pass).model)  # read again at each pass
+    # 3 steps per call, single steps up to each log point (every 2): one stream.
+    stacked = _train(_DS, shuffle=False, steps_per_call=3)
+    _same(stacked.model, _train(_map_ds(shuffle=False), steps_per_call=3).model)
 
 
 def test_create_input_iter_places_grain_batches_like_a_dict():
@@ -133,7 +137,14 @@ def test_a_grain_test_set_and_other_key_names():
 # --- the input's state in each checkpoint: exact resume ------------------------------
 
 
-@pytest.mark.parametrize("kind", ["map", "iter", "loader"])
+@pytest.mark.parametrize(
+    "kind",
+    [
+        "map",
+        pytest.param("iter", marks=pytest.mark.slow),
+        pytest.param("loader", marks=pytest.mark.slow),
+    ],
+)
 def test_resume_sees_the_batches_of_the_uninterrupted_run(kind, tmp_path):
     make = {"map": _map_ds, "iter": _iter_ds, "loader": _loader}[kind]
     whole = _train(make(), num_steps=10, steps_per_call=2)

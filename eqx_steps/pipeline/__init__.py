@@ -19,11 +19,9 @@ Grain itself is imported only when a Grain input is read.
 """
 
 from ._grain import (
-    grain_input_iter as grain_input_iter,
     GrainIter as GrainIter,
     GrainStream as GrainStream,
     is_grain as is_grain,
     PipelineError as PipelineError,
-    renamed as renamed,
     STATE_FORMAT as STATE_FORMAT,
 )

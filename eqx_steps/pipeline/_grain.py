@@ -580,8 +580,8 @@ class GrainIter:
             self._done = True
             raise StopIteration
         start, item = self._queue.popleft()
-        if self.stream.train:  # the consumer is at `start`: older batches are done
-            self.stream.release_before(start)
+        # The consumer is at `start` and reads forwards: older batches are done.
+        self.stream.release_before(start)
         self._fill(self.size_device_prefetch)
         return item
 
