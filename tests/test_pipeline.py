@@ -157,6 +157,14 @@ def test_resume_sees_the_batches_of_the_uninterrupted_run(kind, tmp_path):
     _same(whole.model, resumed.model)
 
 
+def test_the_input_state_is_json(tmp_path):
+    state = es.TrainState.create(mlp(), optax.sgd(0.1))
+    with pytest.raises(TypeError, match="`data_state` must be a JSON object"):
+        es.checkpoint_save(state, {}, tmp_path, data_state={"a": np.zeros(2)})
+    es.checkpoint_save(state, {}, tmp_path, data_state={"a": [1, {"b": None}]})
+    assert es.load_data_state(tmp_path, step=0) == {"a": [1, {"b": None}]}
+
+
 def test_without_a_stored_input_state_a_checkpoint_still_restores(tmp_path):
     _train(_DS, tmp_path, num_steps=4)  # a dict run stores no input state
     assert es.load_data_state(tmp_path) is None
@@ -169,8 +177,11 @@ def test_without_a_stored_input_state_a_checkpoint_still_restores(tmp_path):
     assert int(trainer.state.step) == 4
 
 
-def test_a_changed_batch_size_is_refused_on_resume(tmp_path):
+def test_a_changed_pipeline_is_refused_on_resume(tmp_path):
     _train(_map_ds(), tmp_path, num_steps=2)
+    config = {**_BASE, "num_steps": 4, "checkpointing": True, "workdir": str(tmp_path)}
+    with pytest.raises(ValueError, match="Grain MapDataset, but `train_ds` is a Iter"):
+        es.BasicTrainer(config, mlp(), _iter_ds())
     ds = grain.MapDataset.source(_EXAMPLES).repeat().batch(16, drop_remainder=True)
     with pytest.raises(ValueError, match="global batch size 8.*this run's is 16"):
         es.BasicTrainer(

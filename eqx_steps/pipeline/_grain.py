@@ -435,8 +435,10 @@ class GrainStream:
     def restore(self, step: int, saved: Mapping[str, Any]) -> None:
         """Continue from the checkpointed state `saved` of global step `step`."""
         where = f"the input-pipeline state of checkpoint step {step}"
-        if saved.get("format") != STATE_FORMAT or not isinstance(
-            saved.get("states"), list
+        if (
+            saved.get("format") != STATE_FORMAT
+            or not isinstance(saved.get("states"), list)
+            or not saved["states"]
         ):
             raise ValueError(
                 f"{where} has format {saved.get('format')!r}, not {STATE_FORMAT}; "
@@ -470,6 +472,15 @@ class GrainStream:
             own = states[self.process_index]
         else:
             own = states[0]
+        if self.rows is not None and saved.get("rows") not in (None, self.rows):
+            layout = {"global": "global batches", "process": "per-process batches"}
+            was = str(saved.get("rows"))
+            raise ValueError(
+                f"{where} is of a pipeline of {layout.get(was, was)}, but "
+                f"`{self.name}` yields {layout[self.rows]} (batch size "
+                f"{self.batch_size}, {self.process_count} processes): resume with "
+                "the pipeline the run was started with."
+            )
         self.rows = saved.get("rows") or self.rows
         self.close()
         self._cache.clear()
