@@ -4,6 +4,9 @@ each checkpoint, so a resumed run sees the batches of the uninterrupted one; bad
 input fails clearly. Through the public API, on 1 process x 4 CPU devices (the
 multi-process runs are in tests/test_pipeline_distributed.py)."""
 
+import os
+import signal
+
 import grain
 import jax
 import numpy as np
@@ -154,6 +157,25 @@ def test_resume_sees_the_batches_of_the_uninterrupted_run(kind, tmp_path):
     assert state is not None and state["step"] == 6 and state["rows"] == "global"
     resumed = _train(make(), tmp_path, num_steps=10, steps_per_call=2)
     assert int(resumed.step) == 10
+    _same(whole.model, resumed.model)
+
+
+@pytest.mark.slow
+def test_a_stop_signal_saves_the_input_state_and_resume_is_exact(tmp_path):
+    """SIGTERM at step 5 (between checkpoints): the stop's checkpoint holds the
+    input's state of step 5, and the resumed run ends as the uninterrupted one."""
+    whole = _train(_iter_ds(), num_steps=10)
+    config = {**_BASE, "num_steps": 10, "log_every_steps": 10, "checkpointing": True,
+              "workdir": str(tmp_path), "steps_per_checkpoint": 100}  # fmt: skip
+    trainer = es.BasicTrainer(config, mlp(), _iter_ds())
+    trainer.add_hook(
+        lambda info: os.kill(os.getpid(), signal.SIGTERM) if info.step == 5 else None
+    )
+    with pytest.raises(es.TrainingInterrupted):
+        trainer.train()
+    saved = es.load_data_state(tmp_path)
+    assert es.latest_step(tmp_path) == 5 and saved is not None and saved["step"] == 5
+    resumed, _ = es.BasicTrainer(config, mlp(), _iter_ds()).train()
     _same(whole.model, resumed.model)
 
 
