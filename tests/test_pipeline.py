@@ -45,6 +45,13 @@ def _iter_ds():
     )
 
 
+def _prefetched():
+    """Endless batches read by a Grain worker process (`mp_prefetch`)."""
+    ds = grain.MapDataset.source(_EXAMPLES).shuffle(seed=6).repeat().to_iter_dataset()
+    options = grain.MultiprocessingOptions(num_workers=1)
+    return ds.batch(8, drop_remainder=True).mp_prefetch(options)
+
+
 def _loader(workers=0, flag="/nonexistent"):
     sampler = grain.samplers.IndexSampler(
         len(_EXAMPLES),
@@ -146,10 +153,11 @@ def test_a_grain_test_set_and_other_key_names():
         "map",
         pytest.param("iter", marks=pytest.mark.slow),
         pytest.param("loader", marks=pytest.mark.slow),
+        pytest.param("mp_prefetch", marks=pytest.mark.slow),
     ],
 )
 def test_resume_sees_the_batches_of_the_uninterrupted_run(kind, tmp_path):
-    make = {"map": _map_ds, "iter": _iter_ds, "loader": _loader}[kind]
+    make = {"map": _map_ds, "iter": _iter_ds, "loader": _loader}.get(kind, _prefetched)
     whole = _train(make(), num_steps=10, steps_per_call=2)
     # Interrupted at step 6 (mid-epoch for the 4-batch epochs), resumed to 10.
     _train(make(), tmp_path, num_steps=6, steps_per_call=2)
