@@ -346,8 +346,8 @@ class GrainStream:
                 raise self._wrong_size(rows)
         full = b if self.rows == "global" else b // pc
         if rows == full:
-            if self.rows == "process":
-                return batch
+            if self.rows == "process" or pc == 1:
+                return batch  # this process's rows already
             lo = self.process_index * (b // pc)
             return take(batch, np.arange(lo, lo + b // pc))
         if rows < full and not self.train and self.rows == "global":
@@ -539,6 +539,7 @@ class GrainIter:
         self.dtype, self.image_key = dtype, image_key
         spec = P(DEVICE_AXIS) if steps_per_call == 1 else P(None, DEVICE_AXIS)
         self.sharding = NamedSharding(device_mesh(), spec)
+        self._place = host_placer(self.sharding)
         self._next = start_step  # the step of the next item read from the stream
         self._queue: collections.deque[tuple[int, Any]] = collections.deque()
         self._exhausted = False
@@ -580,7 +581,7 @@ class GrainIter:
             except StopIteration:
                 self._exhausted = True
                 return
-            self._queue.append((start, host_placer(self.sharding)(item)))
+            self._queue.append((start, self._place(item)))
 
     def __iter__(self) -> GrainIter:
         return self
