@@ -4,19 +4,22 @@ each checkpoint, so a resumed run sees the batches of the uninterrupted one; bad
 input fails clearly. Through the public API, on 1 process x 4 CPU devices (the
 multi-process runs are in tests/test_pipeline_distributed.py)."""
 
+import json
 import os
 import signal
 
 import grain
+import hypothesis.strategies as st
 import jax
 import numpy as np
 import optax
 import pytest
 from helpers import mlp
+from hypothesis import given, settings
 from mp_transforms import FailOn
 
 import eqx_steps as es
-from eqx_steps.pipeline import PipelineError
+from eqx_steps.pipeline import GrainStream, PipelineError
 
 
 _RNG = np.random.default_rng(7)
@@ -185,6 +188,24 @@ def test_a_stop_signal_saves_the_input_state_and_resume_is_exact(tmp_path):
     assert es.latest_step(tmp_path) == 5 and saved is not None and saved["step"] == 5
     resumed, _ = es.BasicTrainer(config, mlp(), _iter_ds()).train()
     _same(whole.model, resumed.model)
+
+
+@settings(max_examples=6)
+@given(stop=st.integers(0, 11), kind=st.sampled_from(["map", "iter", "loader"]))
+def test_a_restored_stream_reads_on_as_the_uninterrupted_one(stop, kind):
+    """Round trip through the JSON state at any step, across passes (epochs of 4
+    batches): the same batches from there on."""
+    make = {"map": _map_ds, "iter": _iter_ds, "loader": _loader}[kind]
+    ref = GrainStream(make(), 8, train=True)
+    expected = [ref.batch(s)["image"] for s in range(stop, stop + 6)]
+    first = GrainStream(make(), 8, train=True)
+    for s in range(stop):
+        first.batch(s)
+    saved = json.loads(json.dumps(first.checkpoint_state(stop)))
+    resumed = GrainStream(make(), 8, train=True)
+    resumed.restore(stop, saved)
+    for s, want in zip(range(stop, stop + 6), expected):
+        np.testing.assert_array_equal(resumed.batch(s)["image"], want)
 
 
 def test_the_input_state_is_json(tmp_path):
