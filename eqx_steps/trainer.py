@@ -251,7 +251,13 @@ class BasicTrainer:
                 train=True,
                 name="train_ds",
             )
-            first = self.grain.peek()
+            # Set at the checkpoint's state before the first read: a loader's
+            # workers start once, at the resumed position.
+            self._input_step = self._resume_input(cfg)
+            try:
+                first = self.grain.peek()
+            except PipelineError as e:
+                raise self._input_failed(e, self._input_step) from e
         elif not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
             self.stream = BatchStream(
                 train_ds,
@@ -358,7 +364,8 @@ class BasicTrainer:
             self.stream.step = int(self.state.step)
             self.train_dt_iter = self.stream.view(1)
         elif self.grain is not None:
-            self._restore_input(int(self.state.step))
+            if int(self.state.step) != self._input_step:  # e.g. restored by fallback
+                self._restore_input(int(self.state.step))
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         elif int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
@@ -391,15 +398,36 @@ class BasicTrainer:
         [`eqx_steps.parallel_eval_step`][])."""
         return self.eval_fn
 
+    def _resume_input(self, cfg: TrainConfig) -> int:
+        """Set the Grain input at the state of the latest checkpoint, if it holds
+        one; the step it is set at (0: none). `initial_state` then restores the
+        train state; should it restore another step (`fallback`), the input is
+        set again, at that step."""
+        assert self.grain is not None
+        if not cfg.checkpointing:
+            return 0
+        workdir = os.path.abspath(cfg.workdir)
+        step = latest_step(workdir)
+        if not step:
+            return 0
+        try:
+            saved = load_data_state(workdir, step=step)
+        except (OSError, ValueError):  # a damaged step: initial_state says how
+            return 0
+        if saved is None:
+            return 0
+        self.grain.restore(step, saved)
+        return step
+
     def _restore_input(self, step: int) -> None:
-        """Continue the Grain input from the state saved with checkpoint `step`."""
+        """Continue the Grain input from the state saved with checkpoint `step`;
+        from its start (with a warning) when that checkpoint holds none."""
         assert self.grain is not None
         saved = None
         if step and self.config.checkpointing:
             saved = load_data_state(self.workdir, step=step)
-        if saved is not None:
-            self.grain.restore(step, saved)
-        elif step:
+        self.grain.restore(step, saved)
+        if saved is None and step:
             warnings.warn(
                 f"the checkpoint of step {step} holds no input-pipeline state (it "
                 "was written by a run on a dict of arrays, or by an older version): "
@@ -621,13 +649,14 @@ class BasicTrainer:
         if not self.config.checkpointing:
             saved = "nothing was saved (checkpointing is off)."
         else:
-            last = latest_step(self.workdir)
+            workdir = os.path.abspath(self.config.workdir)
+            last = latest_step(workdir)
             saved = (
-                f"the last checkpoint, step {last} in {self.workdir!r}, is intact: fix "
+                f"the last checkpoint, step {last} in {workdir!r}, is intact: fix "
                 "the input and run again to resume from it, with the batches the "
                 "uninterrupted run would have seen."
                 if last is not None
-                else f"no checkpoint was saved yet in {self.workdir!r}."
+                else f"no checkpoint was saved yet in {workdir!r}."
             )
         return PipelineError(f"{error} The run stopped at step {step}; {saved}", step)
 

@@ -177,6 +177,7 @@ class GrainStream:
             jax.process_index() if process_index is None else process_index
         )
         self.rows: str | None = None  # "global" or "process", set by the first batch
+        self._saved_rows: tuple[str, int] | None = None  # the layout restored
         self.steps_per_epoch: int | None = None
         if self.kind == "MapDataset":
             n = len(source)
@@ -344,6 +345,7 @@ class GrainStream:
                     raise self._wrong_size(rows)
             else:
                 raise self._wrong_size(rows)
+            self._check_layout()
         full = b if self.rows == "global" else b // pc
         if rows == full:
             if self.rows == "process" or pc == 1:
@@ -362,6 +364,20 @@ class GrainStream:
                 "the dataset with `.batch(batch_size, drop_remainder=True)`."
             )
         raise self._wrong_size(rows)
+
+    def _check_layout(self) -> None:
+        """Refuse a pipeline whose layout is not that of the state restored."""
+        if self._saved_rows is None or self._saved_rows[0] == self.rows:
+            return
+        was, step = self._saved_rows
+        layout = {"global": "global batches", "process": "per-process batches"}
+        raise ValueError(
+            f"the input-pipeline state of checkpoint step {step} is of a pipeline "
+            f"of {layout.get(was, was)}, but `{self.name}` yields "
+            f"{layout.get(str(self.rows), str(self.rows))} (batch size "
+            f"{self.batch_size}, {self.process_count} processes): resume with the "
+            "pipeline the run was started with."
+        )
 
     def _wrong_size(self, rows: int) -> ValueError:
         b, pc = self.batch_size or rows, self.process_count
@@ -432,8 +448,21 @@ class GrainStream:
             "states": states,
         }
 
-    def restore(self, step: int, saved: Mapping[str, Any]) -> None:
-        """Continue from the checkpointed state `saved` of global step `step`."""
+    def restore(self, step: int, saved: Mapping[str, Any] | None) -> None:
+        """Continue from the checkpointed state `saved` of global step `step`
+        (from [`eqx_steps.load_data_state`][]); `None`: from the input's start,
+        its first batch being the batch of `step`.
+
+        **Raises:** `ValueError` when `saved` is of another kind of input, another
+        global batch size, another layout, or (per-process batches) another
+        number of processes, naming both.
+        """
+        if saved is None:
+            self.close()
+            self._cache.clear()
+            self.pulled, self.passes, self._in_pass = step, 0, 0
+            self._states = {step: self._state(None)}
+            return
         where = f"the input-pipeline state of checkpoint step {step}"
         if (
             saved.get("format") != STATE_FORMAT
@@ -449,6 +478,8 @@ class GrainStream:
                 f"{where} is of a Grain {saved.get('source')}, but `{self.name}` is a "
                 f"{self.kind}: resume with the same kind of input."
             )
+        if self.batch_size is None and isinstance(saved.get("batch_size"), int):
+            self.batch_size = saved["batch_size"]  # the first batch is read after
         if saved.get("batch_size") != self.batch_size:
             raise ValueError(
                 f"{where} has the global batch size {saved.get('batch_size')}, but "
@@ -472,16 +503,10 @@ class GrainStream:
             own = states[self.process_index]
         else:
             own = states[0]
-        if self.rows is not None and saved.get("rows") not in (None, self.rows):
-            layout = {"global": "global batches", "process": "per-process batches"}
-            was = str(saved.get("rows"))
-            raise ValueError(
-                f"{where} is of a pipeline of {layout.get(was, was)}, but "
-                f"`{self.name}` yields {layout[self.rows]} (batch size "
-                f"{self.batch_size}, {self.process_count} processes): resume with "
-                "the pipeline the run was started with."
-            )
-        self.rows = saved.get("rows") or self.rows
+        rows = saved.get("rows")
+        self._saved_rows = (str(rows), step) if rows else None
+        if self.rows is not None:
+            self._check_layout()
         self.close()
         self._cache.clear()
         self.pulled = step
