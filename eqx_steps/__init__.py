@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
     from ._history import History as History, parameter_overview as parameter_overview
     from ._hooks import StepInfo as StepInfo
+    from ._tensorboard import (
+        tensorboard_hook as tensorboard_hook,
+        TensorBoardHook as TensorBoardHook,
+    )
     from .apply import only_apply as only_apply, only_evaluate as only_evaluate
     from .checkpoint import (
         checkpoint_restore as checkpoint_restore,

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import PRNGKeyArray
 
 from ._iterate_data import HostBatch, IterateData as IterateData
-from ._validate import check_int, is_integer_image
+from ._validate import check_int, is_grain, is_integer_image
 from .parallel import device_mesh, shard
 from .parallel._mesh import host_placer
 from .state import DEVICE_AXIS
@@ -267,9 +267,9 @@ def create_input_iter(
                 f"`dtype` = {dtype} is not a floating dtype; it is the dtype of the "
                 "floating entries: pass e.g. jnp.float32 or jnp.bfloat16 (or None)."
             )
-    from .pipeline._grain import grain_input_iter, is_grain
-
     if is_grain(dataset):
+        from .pipeline._grain import grain_input_iter  # imports Grain's users only
+
         if start_step:
             raise ValueError(
                 f"`start_step` = {start_step} with a Grain input: a Grain input is "

@@ -20,18 +20,21 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import numpy as np
 
-from ._validate import check_dataset, check_int
+from ._validate import check_dataset, check_int, is_grain
 from .data import create_input_iter, DeviceIter
-from .pipeline import GrainIter, is_grain
 from .platform import default_backend_jit
 from .state import TrainState
 from .steps import Batch, Criterion, eval_step, MetricsFn
+
+
+if TYPE_CHECKING:
+    from .pipeline import GrainIter
 
 
 EvalFn = Callable[[TrainState, Batch], Mapping[str, Any]]
@@ -87,7 +90,7 @@ def _eval_iter(
     data = create_input_iter(
         None, dataset, batch_size, train=False, image_key=image_key
     )
-    if isinstance(data, GrainIter):  # its length shows only at its end
+    if not isinstance(data, DeviceIter):  # Grain: its length shows at its end
         n = (
             sys.maxsize
             if max_batches is None
@@ -138,9 +141,9 @@ def _evaluation_pass(
         count += 1
         yield data.batch_size, parallel_fn(state, batch)
     # A Grain pass stopped at `n_full` batches has not reached its last batch.
-    grain_cut = isinstance(data, GrainIter) and count == n_full
+    grain_cut = not isinstance(data, DeviceIter) and count == n_full
     rest = data.remainder_batch() if with_rest and not grain_cut else None
-    if isinstance(data, GrainIter) and rest is None and count == 0:
+    if not isinstance(data, DeviceIter) and rest is None and count == 0:
         raise ValueError(
             f"`dataset` ({data.stream.kind}) yielded no batch to evaluate on; "
             "pass a dataset with at least one example."

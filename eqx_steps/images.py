@@ -129,24 +129,35 @@ def read_image(path: str | os.PathLike) -> Image:
     it cannot be decoded as an image or holds floating-point values far outside
     `[0, 1]` (naming their range).
     """
+    name = os.fspath(path)
+    image = _with_channels(_to_unit_range(_read_pixels(name), repr(name)), repr(name))
+    _check_float_range(image, repr(name))
+    return image
+
+
+# Pillow modes read as RGB (an alpha channel dropped, a palette expanded), and as
+# grayscale; other modes are read as they are.
+_AS_RGB = ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV")
+_AS_GRAY = ("LA",)
+
+
+def _read_pixels(name: str) -> np.ndarray:
+    """The pixels of an image file in their stored dtype (`uint8`, `uint16`,
+    `int32`, `float32`, ...), `(H, W)` or `(H, W, 3)`: what `read_image` scales."""
     from PIL import Image as PILImage, UnidentifiedImageError
 
-    name = os.fspath(path)
     try:
         with PILImage.open(name) as im:
             im.load()
-            if im.mode in ("P", "PA", "RGBA", "CMYK", "YCbCr", "LAB", "HSV"):
+            if im.mode in _AS_RGB:
                 im = im.convert("RGB")
-            elif im.mode == "LA":
+            elif im.mode in _AS_GRAY:
                 im = im.convert("L")
-            array = np.asarray(im)
+            return np.asarray(im)
     except FileNotFoundError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read image {name!r}: {e}") from None
-    image = _with_channels(_to_unit_range(array, repr(name)), repr(name))
-    _check_float_range(image, repr(name))
-    return image
 
 
 def _array_images(path: str) -> list[tuple[str, Image]]:
@@ -294,20 +305,37 @@ def random_patches(
                 f"patch size {size}; use a patch size of at most "
                 f"{min(im.shape[:2])} or leave the image out."
             )
-    rng = np.random.default_rng(seed)
-    positions = np.array(
-        [(im.shape[0] - size + 1) * (im.shape[1] - size + 1) for im in images],
-        dtype=np.float64,
-    )
-    which = rng.choice(len(images), size=n, p=positions / positions.sum())
+    which, ys, xs = _patch_plan([im.shape[:2] for im in images], n, size, seed)
     channels = images[0].shape[-1]
     out = np.empty((n, size, size, channels), np.float32)
-    for k, i in enumerate(which):
-        im = images[i]
-        y = rng.integers(im.shape[0] - size + 1)
-        x = rng.integers(im.shape[1] - size + 1)
-        out[k] = im[y : y + size, x : x + size]
+    for k, (i, y, x) in enumerate(zip(which, ys, xs)):
+        out[k] = images[i][y : y + size, x : x + size]
     return out
+
+
+def _patch_plan(
+    shapes: Sequence[tuple[int, int]],
+    n: int,
+    size: int,
+    seed: int | np.random.SeedSequence | Sequence[int],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where `random_patches` cuts its patches, from the images' `(H, W)` alone:
+    the image of each patch and its top-left corner (`which`, `ys`, `xs`).
+
+    Streaming code cuts the same patches as `random_patches` from images it
+    decodes one at a time.
+    """
+    rng = np.random.default_rng(seed)
+    positions = np.array(
+        [(h - size + 1) * (w - size + 1) for h, w in shapes], dtype=np.float64
+    )
+    which = rng.choice(len(shapes), size=n, p=positions / positions.sum())
+    ys = np.empty(n, np.int64)
+    xs = np.empty(n, np.int64)
+    for k, i in enumerate(which):
+        ys[k] = rng.integers(shapes[i][0] - size + 1)
+        xs[k] = rng.integers(shapes[i][1] - size + 1)
+    return which, ys, xs
 
 
 def write_image(path: str | os.PathLike, image: Float[np.ndarray, "H W C"]) -> None:

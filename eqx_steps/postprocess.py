@@ -304,7 +304,10 @@ def clip_positive(
     - `model`: the model (or its trainable partition, with `None` leaves).
     - `traversal`: the selection, e.g. `construct_traversal("alpha")`; only
         floating-point array leaves are ever modified.
-    - `minval`: the lower bound (default `1e-4`), a real scalar.
+    - `minval`: the lower bound (default `1e-4`), a real scalar `> 0`: the
+        function exists to keep weights positive (SCICO's examples use `5e-4`
+        for MoDL's `lmbda`, `1e-3` for ODP's `alpha`); use `clip_range` for
+        other bounds.
 
     **Returns:**
 
@@ -314,12 +317,20 @@ def clip_positive(
 
     `ValueError` when `traversal` selects no floating-point leaf of `model` (a
     misspelt name would otherwise make the clipping silently do nothing), naming
-    the traversal and some of the model's leaf paths. Under `jit` the selection
-    is checked once, when the step is traced.
+    the traversal and some of the model's leaf paths, or when `minval` is not
+    positive. Under `jit` the selection (and a traced `minval`) is checked once,
+    when the step is traced (a traced `minval` cannot be checked).
     """
     fn = "clip_positive"
     _check_traversal(fn, traversal)
-    _check_bound(fn, "minval", minval)
+    bound = _check_bound(fn, "minval", minval)
+    if bound is not None and bound <= 0:
+        raise ValueError(
+            f"{fn}: `minval`={minval!r} is not positive; clip_positive keeps the "
+            "selected weights above a positive floor (SCICO's examples use 5e-4 for "
+            "MoDL's lmbda, 1e-3 for ODP's alpha): pass minval > 0, or use "
+            "clip_range(model, traversal, minval, maxval) for other bounds."
+        )
     return _map_selected(fn, lambda x: jnp.maximum(x, minval), model, traversal)
 
 

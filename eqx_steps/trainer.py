@@ -16,7 +16,7 @@ import os
 import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -45,17 +45,20 @@ from ._validate import (
     check_divisible,
     check_int,
     DATA_KEYS,
+    is_grain,
     is_integer_image,
 )
 from .checkpoint import checkpoint_save, latest_step, load_data_state
 from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
-from .pipeline import GrainIter, GrainStream, is_grain, PipelineError
-from .pipeline._grain import renamed
 from .schedules import as_schedule
 from .state import per_example, TrainState, whole_batch
 from .steps import eval_step, train_step
+
+
+if TYPE_CHECKING:
+    from .pipeline import GrainStream
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -243,8 +246,11 @@ class BasicTrainer:
         keys = (cfg.input_key, cfg.target_key)
         check_model(model)
         self.stream: BatchStream | None = None
-        self.grain: GrainStream | None = None
+        self.grain: GrainStream | None = None  # a Grain train_ds
         if is_grain(train_ds):
+            from .pipeline import GrainStream, PipelineError
+            from .pipeline._grain import renamed
+
             self.grain = GrainStream(
                 renamed(train_ds, lambda b: _as_step_batch("train_ds", b, keys)),
                 cfg.batch_size,
@@ -270,6 +276,8 @@ class BasicTrainer:
             check_dataset("train_ds", train_ds, keys)
             first = train_ds = _as_step_batch("train_ds", train_ds, keys)
         if is_grain(test_ds):
+            from .pipeline._grain import renamed
+
             test_ds = renamed(test_ds, lambda b: _as_step_batch("test_ds", b, keys))
         elif test_ds is not None:
             check_dataset("test_ds", test_ds, keys)
@@ -451,6 +459,8 @@ class BasicTrainer:
         if self.stream is not None:  # a user's iterable: read on, never rewound
             return self.stream.view(steps_per_call)
         if self.grain is not None:  # one stream, read forwards, held by step
+            from .pipeline import GrainIter
+
             return GrainIter(
                 self.grain,
                 start_step=step,
@@ -626,7 +636,9 @@ class BasicTrainer:
                     iters[k] = self._train_iter(step, k)
                 try:
                     batch = next(iters[k])
-                except PipelineError as e:
+                except Exception as e:
+                    if self.grain is None or not self.grain.failed(e):
+                        raise
                     raise self._input_failed(e, step) from e
                 state, metrics = self._train_fns[k](state, batch)
                 before, step = step, step + k
@@ -642,7 +654,7 @@ class BasicTrainer:
             self.log("Done: " + format_record(self.history.records[-1]))
         return self._result(state)
 
-    def _input_failed(self, error: PipelineError, step: int) -> PipelineError:
+    def _input_failed(self, error: Exception, step: int) -> Exception:
         """`error` with where the run stopped and what was saved."""
         if self.grain is not None:
             self.grain.close()
@@ -658,6 +670,8 @@ class BasicTrainer:
                 if last is not None
                 else f"no checkpoint was saved yet in {workdir!r}."
             )
+        from .pipeline import PipelineError
+
         return PipelineError(f"{error} The run stopped at step {step}; {saved}", step)
 
     def _result(self, state: TrainState) -> tuple[Any, History]:

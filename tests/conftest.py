@@ -3,7 +3,10 @@
 The XLA flags must be set before JAX starts its backend, hence at the top of conftest.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 from eqx_steps.platform import configure_xla_flags
 
@@ -15,6 +18,17 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # The command's compilation cache stays off in the tests' subprocesses (nothing
 # written under the user's ~/.cache); tests/test_cli_startup.py turns it on.
 os.environ.setdefault("EQX_STEPS_COMPILATION_CACHE", "off")
+# JAX's own persistent compilation cache, in a folder of this test session only
+# (removed at exit), shared by the tests and their subprocesses: the commands
+# that the tests run in fresh processes compile the same tiny programs again and
+# again, and reading them back is quicker (about a fifth less CPU time for
+# tests/test_run_folder_faults.py). Programs quicker to compile than 0.1 s are
+# not worth a file.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="eqx_steps_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, ignore_errors=True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -291,7 +291,7 @@ def test_clip_range_property(prmname, lo, width, seed, filtered):
 
 @given(
     prmname=st.sampled_from(NAMES),
-    minval=st.floats(-1, 1),
+    minval=st.floats(1e-6, 1),
     seed=st.integers(0, 2**16),
     filtered=st.booleans(),
 )
@@ -570,6 +570,11 @@ def test_bad_arguments_raise_naming_the_argument():
         clip_positive(net, _TRAV_W, jnp.zeros(3))
     with pytest.raises(ValueError, match="clip_positive: `minval` must not be NaN"):
         clip_positive(net, _TRAV_W, float("nan"))
+    for minval in (0.0, -5e-4, jnp.float32(0.0)):
+        with pytest.raises(
+            ValueError, match=r"clip_positive: `minval`=.* is not positive.*clip_range"
+        ):
+            clip_positive(net, _TRAV_W, minval)
     with pytest.raises(
         ValueError,
         match=r"`xshape`=\(8, 8\) does not fit the 2-D convolution '/conv/weight'",

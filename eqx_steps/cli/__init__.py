@@ -6,6 +6,8 @@
     eqx-steps evaluate runs/mine
     eqx-steps info runs/mine
     eqx-steps denoise photo.png --variant 6M --noise 0.1   # SCICO's pretrained DnCNN
+    eqx-steps train --task deblur --model modl --out runs/deblur   # deblurring, CT
+    eqx-steps restore photo.png --run runs/deblur --simulate
 
 `python -m eqx_steps` is the same command. Nothing is downloaded: the default
 data are synthetic phantoms (a deterministic function of the settings), and
@@ -27,8 +29,9 @@ when its backend starts, so the command sets it before anything touches JAX
 One module per concern: `_settings` (the settings table, config files), `_main`
 (the parser and the entry point), `_run_folder` (the one writer of `config.json`
 and the pictures), `_data`, `_models`, `_report` (the final table), `_runtime`
-(devices, multi-process start-up) and one module per command (`train`,
-`evaluate`, `info`, `denoise`), each with `add_parser` and `run`.
+(devices, multi-process start-up), `_tasks` (the deblur and ct tasks: operator,
+data, network) and one module per command (`train`, `evaluate`, `info`,
+`restore`, `denoise`), each with `add_parser` and `run`.
 """
 
 from ._main import build_parser as build_parser, main as main

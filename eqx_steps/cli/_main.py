@@ -7,11 +7,11 @@ import sys
 from collections.abc import Sequence
 
 from .._io import WriteError
-from . import _runtime, denoise, evaluate, info, train
+from . import _runtime, denoise, evaluate, info, restore, train
 from ._errors import one_line, UsageError
 
 
-COMMANDS = (train, evaluate, info, denoise)
+COMMANDS = (train, evaluate, info, restore, denoise)
 """The command modules, in the order of `--help`; each has `add_parser` and `run`."""
 
 
@@ -38,9 +38,10 @@ def build_parser(prog: str = "eqx-steps") -> argparse.ArgumentParser:
     """
     parser = _Parser(
         prog=prog,
-        description="Train an Equinox image denoiser on synthetic data or your own "
-        "images on every local device, evaluate it, inspect a run, denoise an image "
-        "file (with SCICO's pretrained DnCNN or a trained run).",
+        description="Train an Equinox image denoiser (or a deblurring or CT "
+        "network: --task) on synthetic data or your own images on every local "
+        "device, evaluate it, inspect a run, restore an image with a run, denoise an "
+        "image file (with SCICO's pretrained DnCNN or a trained run).",
         formatter_class=_formatter,
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

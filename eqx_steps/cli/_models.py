@@ -9,9 +9,10 @@ from typing import Any
 from ._errors import reported, UsageError
 
 
-MODELS = ("dncnn", "convbn", "resnet", "unet")
-MODEL_DEPTH = {"dncnn": 6, "convbn": 6, "resnet": 6, "unet": 3}
-"""The default `--depth` of each model (UNet: levels, each halving the size)."""
+MODELS = ("dncnn", "convbn", "resnet", "unet", "modl", "odp")
+MODEL_DEPTH = {"dncnn": 6, "convbn": 6, "resnet": 6, "unet": 3, "modl": 2, "odp": 2}
+"""The default `--depth` of each model (UNet: levels, each halving the size;
+MoDL: iterations; ODP: blocks, as SCICO's deblurring examples)."""
 
 
 def resolve(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -23,13 +24,17 @@ def resolve(settings: Mapping[str, Any]) -> dict[str, Any]:
 
     **Returns:**
 
-    A new dict with `depth` set.
+    A new dict with `depth` and the task's defaults set
+    (`_tasks.resolve_task`).
 
     **Raises:**
 
-    `UsageError` when a UNet's patch size does not halve `depth - 1` times.
+    `UsageError` when a UNet's patch size does not halve `depth - 1` times, or
+    options of the task do not go together.
     """
-    settings = dict(settings)
+    from ._tasks import resolve_task
+
+    settings = resolve_task(settings)
     if settings.get("depth") is None:
         settings["depth"] = MODEL_DEPTH[settings["model"]]
     if settings["model"] == "unet":
@@ -61,6 +66,10 @@ def build_model(settings: Mapping[str, Any], channels: int) -> tuple[Any, Any]:
 
     from .. import models
 
+    if settings["model"] in ("modl", "odp"):
+        from ._tasks import build_inverse_model
+
+        return build_inverse_model(settings, channels)
     cls = {
         "dncnn": models.DnCNN,
         "convbn": models.ConvBNNet,

@@ -161,15 +161,27 @@ def summary(
     )
     noisy, denoised = evaluations
     n, p, devices = len(output), settings["patch"], jax.device_count()
+    task = settings.get("task", "denoise")
+    first, second = ("noisy input", "denoised")
+    if task == "deblur":
+        first, second = ("blurred input", "restored")
+    elif task == "ct":
+        first, second = ("back-proj.", "restored")
+    width = max(12, len(first) + 2)
 
     def row(name: str, a: float, b: float, fmt: str, gain: bool = True) -> str:
         change = f"{b - a:>+13.2f}" if gain else ""
-        return f"  {name:<28}{a:>12{fmt}}{b:>11{fmt}}{change}"
+        return f"  {name:<28}{a:>{width}{fmt}}{b:>11{fmt}}{change}"
 
+    what = "patches"
+    if task != "denoise":
+        from ._tasks import describe
+
+        what = f"patches ({describe(settings)})"
     lines = [
-        f"Test set: {n} patches of {p}x{p}, noise std {settings['noise']:g}; the "
+        f"Test set: {n} {what} of {p}x{p}, noise std {settings['noise']:g}; the "
         f"model at step {step}",
-        f"  {'':<28}{'noisy input':>12}{'denoised':>11}{'improvement':>13}",
+        f"  {'':<28}{first:>{width}}{second:>11}{'improvement':>13}",
         row("test SNR (dB)", noisy["snr"], denoised["snr"], ".2f"),
         row("test PSNR (dB, peak 1)", noisy["psnr"], denoised["psnr"], ".2f"),
         row("test MSE", noisy["loss"], denoised["loss"], ".5f", gain=False),
@@ -186,6 +198,11 @@ def summary(
         "The mean of per-patch SNRs counts each patch once; low-contrast patches "
         "pull it down.",
     ]
+    if task == "ct":
+        lines.append(
+            "back-proj.: the back-projection A^T y of each sinogram, scaled by one "
+            "factor fitted to the truths (least squares)."
+        )
     return "\n".join(lines), (snr_in, snr_out)
 
 
@@ -199,11 +216,19 @@ def report(
     step: int,
 ) -> tuple[str, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """The model on the test set: the printed table ([`summary`][]), the outputs
-    and the per-patch SNRs (noisy input, output)."""
+    and the per-patch SNRs (noisy input, or the task's measurement as an image;
+    output)."""
+    from ._tasks import reference
+
     output = denoise(model, model_state, test_ds, batch_size, backend)
+    # The measurement as an image (deblur: the blurred one; ct: A^T y, scaled).
+    shown = {
+        "image": reference(settings, test_ds["image"], test_ds["label"]),
+        "label": test_ds["label"],
+    }
     evaluations = tuple(
         scico_evaluation(model, model_state, test_ds["label"], x, batch_size, backend)
-        for x in (test_ds["image"], output)
+        for x in (shown["image"], output)
     )
-    text, snrs = summary(settings, test_ds, output, evaluations, batch_size, step)  # pyright: ignore
+    text, snrs = summary(settings, shown, output, evaluations, batch_size, step)  # pyright: ignore
     return text, output, snrs

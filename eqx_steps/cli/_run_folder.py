@@ -160,6 +160,8 @@ def contents_line(run_dir: str) -> str:
         if steps
         else "; no checkpoint"
     )
+    if os.path.isdir(os.path.join(run_dir, "stage1")):  # SCICO's two-stage MoDL
+        checkpoints += "; the first stage's in stage1"
     return f"Run folder {run_dir}: {', '.join(files)}{checkpoints}"
 
 
@@ -244,8 +246,10 @@ def write_samples(
     snrs: tuple[np.ndarray, np.ndarray],
     title: str,
     count: int = 4,
+    names: tuple[str, str, str] = ("clean", "noisy", "denoised"),
 ) -> None:
-    """Write `samples.png`: test patches, one per row: clean, noisy, denoised.
+    """Write `samples.png`: test patches, one per row: clean, noisy, denoised
+    (deblur: truth, blurred, restored; ct: truth, back-projection, restored).
 
     **Arguments:**
 
@@ -255,6 +259,7 @@ def write_samples(
     - `snrs`: the per-patch SNR of the noisy and of the denoised patches.
     - `title`: the figure's title.
     - `count`: how many patches (spread over the test set).
+    - `names`: the names of the three columns.
     """
     from matplotlib.figure import Figure  # no pyplot: no global state, any backend
 
@@ -264,9 +269,10 @@ def write_samples(
     axes = fig.subplots(len(rows), 3, squeeze=False)
     snr_in, snr_out = snrs
     for r, i in enumerate(rows):
-        show_image(axes[r][0], test_ds["label"][i], f"clean #{i}")
-        show_image(axes[r][1], test_ds["image"][i], f"noisy: {snr_in[i]:.1f} dB")
-        show_image(axes[r][2], output[i], f"denoised: {snr_out[i]:.1f} dB")
+        truth, measured, restored = names
+        show_image(axes[r][0], test_ds["label"][i], f"{truth} #{i}")
+        show_image(axes[r][1], test_ds["image"][i], f"{measured}: {snr_in[i]:.1f} dB")
+        show_image(axes[r][2], output[i], f"{restored}: {snr_out[i]:.1f} dB")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     buf = io.BytesIO()

@@ -15,9 +15,10 @@ from typing import Any
 from .._validate import check_int, check_number
 from ._errors import one_line, UsageError
 from ._models import MODEL_DEPTH, MODELS
+from ._tasks import ODP_BLOCKS, PSFS, TASKS
 
 
-_KIND = {int: "an integer", float: "a number", str: "a string"}
+_KIND = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,7 @@ class Setting:
     """One setting: its key (config files, `config.json`), option and check."""
 
     name: str  # the key; the option is --name-with-dashes
-    kind: type  # int, float or str
+    kind: type  # int, float, str, or bool (a flag on the command line)
     default: Any
     help: str
     minimum: float | None = None
@@ -60,6 +61,10 @@ class Setting:
                     f"{where} must be one of {', '.join(self.choices)}, got {value!r}"
                     + (f" (did you mean {close[0]!r}?)" if close else "")
                 )
+            return value
+        if self.kind is bool:
+            if not isinstance(value, bool):
+                raise UsageError(f"{where} must be true or false, got {value!r}")
             return value
         try:
             if self.kind is int:
@@ -101,6 +106,9 @@ class Setting:
         text = text or self.help
         if "(default:" not in text:
             text = f"{text} (default: {self.default})"
+        if self.kind is bool:  # a flag: given means true
+            parser.add_argument(self.flag, action="store_true", default=None, help=text)
+            return
         metavar = self.metavar or self.name.upper()
         if self.choices:
             metavar = "{" + ",".join(self.choices) + "}"
@@ -110,13 +118,21 @@ class Setting:
 
 
 SETTINGS: tuple[Setting, ...] = (
-    Setting("model", str, "dncnn", "the denoiser", choices=MODELS),
+    Setting(
+        "model",
+        str,
+        "dncnn",
+        "the network (modl and odp, SCICO's model-based networks, for --task "
+        "deblur and ct)",
+        choices=MODELS,
+    ),
     Setting(
         "depth",
         int,
         None,
         "number of convolution layers (unet: levels, each halving the patch size; "
-        "the patch must be divisible by 2**(depth-1)) (default: "
+        "the patch must be divisible by 2**(depth-1); modl: iterations; odp: "
+        "blocks) (default: "
         + ", ".join(f"{m} {d}" for m, d in MODEL_DEPTH.items())
         + ")",
         minimum=1,
@@ -136,20 +152,47 @@ SETTINGS: tuple[Setting, ...] = (
         "data",
         str,
         None,
-        "train on your own images: a folder of PNG/JPEG/TIFF files, one image "
-        "file, or an .npy/.npz array (values in [0, 1], or 8/16-bit); random "
-        "--patch patches, fresh noise of std --noise at every step; one image in "
-        "five (a single image: its bottom fifth) held out for the test set "
-        "(default: synthetic phantoms)",
+        "train on your own images: a folder of PNG/JPEG/TIFF files (streamed: "
+        "images decoded as needed, fresh --patch patches every epoch), one image "
+        "file, or an .npy/.npz array (values in [0, 1], or 8/16-bit; read into "
+        "memory, patches cut once); fresh noise of std --noise at every step; one "
+        "image in five (a single image: its bottom fifth) held out for the test "
+        "set (default: synthetic phantoms)",
         nullable=True,
         metavar="PATH",
     ),
     Setting(
+        "workers",
+        int,
+        0,
+        "with --data FOLDER: Grain worker processes decoding the images (0: "
+        "threads of this process); the patches do not depend on it",
+        minimum=0,
+    ),
+    Setting(
+        "augment",
+        bool,
+        False,
+        "with --data FOLDER: turn and flip each training patch at random (one of "
+        "the 8 symmetries of the square)",
+    ),
+    Setting(
+        "on_bad_image",
+        str,
+        "skip",
+        "with --data FOLDER: an image that cannot be read is skipped (with a note "
+        "and counted) or stops the run, naming it",
+        choices=("skip", "raise"),
+    ),
+    Setting(
         "noise",
         float,
-        0.2,
-        "standard deviation of the Gaussian noise added to the [0, 1] patches",
+        None,
+        "standard deviation of the Gaussian noise added to the [0, 1] patches (to "
+        "the measurements: the blurred images, the sinograms, for --task deblur, "
+        "ct) (default: denoise 0.2, deblur 20/255 as SCICO's examples, ct 0.01)",
         positive=True,
+        nullable=True,
     ),
     Setting("patch", int, 32, "patch height and width in pixels", minimum=1),
     Setting("train_size", int, 1024, "number of training patches", minimum=1),
@@ -218,6 +261,94 @@ SETTINGS: tuple[Setting, ...] = (
         saved=False,
     ),
 )
+# The tasks of the command and their operators (eqx_steps.cli._tasks).
+TASK_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "task",
+        str,
+        "denoise",
+        "what the model learns: denoise (noisy -> clean), deblur (blurred and "
+        "noisy -> clean, a circular convolution) or ct (sinogram -> image, a "
+        "parallel-beam projector)",
+        choices=TASKS,
+    ),
+    Setting("psf", str, "uniform", "the blur kernel of --task deblur", choices=PSFS),
+    Setting(
+        "psf_size",
+        int,
+        3,
+        "height and width of the blur kernel (SCICO's examples: a 3x3 uniform kernel)",
+        minimum=1,
+    ),
+    Setting(
+        "psf_sigma",
+        float,
+        1.0,
+        "standard deviation of the Gaussian blur kernel, in pixels",
+        positive=True,
+    ),
+    Setting(
+        "angles",
+        int,
+        45,
+        "number of projection angles of --task ct, evenly spaced over [0, pi] "
+        "(SCICO's CT examples: 45)",
+        minimum=1,
+    ),
+    Setting(
+        "det_count",
+        int,
+        None,
+        "number of detector bins of --task ct (default: int(patch * 1.05 / "
+        "sqrt(2)), as SCICO's CT examples)",
+        minimum=1,
+        nullable=True,
+    ),
+    Setting(
+        "block_depth",
+        int,
+        None,
+        "convolution layers of the ResNet inside modl and odp (default: modl 4, "
+        "odp 3, as SCICO's examples)",
+        minimum=1,
+        nullable=True,
+    ),
+    Setting(
+        "cg_iter",
+        int,
+        None,
+        "conjugate-gradient iterations of each modl solve (default: 4)",
+        minimum=0,
+        nullable=True,
+    ),
+    Setting(
+        "block",
+        str,
+        None,
+        "the blocks of odp: deconv (a circular convolution), grad_desc (any "
+        "operator) or denoise (default: deconv for deblur, grad_desc for ct)",
+        choices=ODP_BLOCKS,
+        nullable=True,
+    ),
+    Setting(
+        "stage1_epochs",
+        int,
+        0,
+        "SCICO's two-stage MoDL recipe: first train this many epochs at depth 1 "
+        "(in RUN_DIR/stage1), then --epochs at --depth from those weights; 0: one "
+        "stage",
+        minimum=0,
+    ),
+    Setting(
+        "stage1_cg_iter",
+        int,
+        None,
+        "conjugate-gradient iterations of the first stage (default: --cg-iter)",
+        minimum=0,
+        nullable=True,
+    ),
+)
+SETTINGS = SETTINGS + TASK_SETTINGS
 BY_NAME = {s.name: s for s in SETTINGS}
 DEFAULTS = {s.name: s.default for s in SETTINGS}
 

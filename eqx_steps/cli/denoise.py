@@ -152,6 +152,11 @@ def _trained(run_dir: str, image_channels: int) -> tuple[Any, Any, str]:
     config = folder.read_config(run_dir)
     where = repr(os.path.join(run_dir, folder.CONFIG_FILE))
     settings = resolve({**DEFAULTS, **saved_settings(config, where)})
+    if settings["task"] != "denoise":
+        raise UsageError(
+            f"the run {run_dir!r} learnt --task {settings['task']}, not denoising; "
+            f"restore an image with it by `eqx-steps restore IMAGE --run {run_dir}`"
+        )
     with reported(f"{folder.CONFIG_FILE}: "):
         channels = check_int("channels", config.get("channels", 1))
     if channels not in (1, image_channels):

@@ -12,6 +12,7 @@ from ._models import build_model, resolve, restore
 from ._report import eval_batch_size, report
 from ._runtime import start_jax
 from ._settings import BY_NAME, DEFAULTS
+from ._tasks import describe
 from .train import trainer_config
 
 
@@ -61,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         settings["backend"] or "pmap",
         step,
     )
-    print(f"{args.run_dir}: {settings['model']}, checkpoint step {step}")
+    task = "" if settings["task"] == "denoise" else f" ({describe(settings)})"
+    print(f"{args.run_dir}: {settings['model']}{task}, checkpoint step {step}")
     print(text)
     return 0

@@ -128,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
     width = max(map(len, config), default=0)
     for k, v in config.items():
         print(f"  {k:<{width}}  {json.dumps(v)}")
+    if settings["task"] != "denoise":
+        from ._tasks import describe, INVERSE_MODELS, model_line
+
+        print(f"Task: {describe(settings)}, noise std {settings['noise']:g}")
+        if settings["model"] in INVERSE_MODELS:
+            print(f"Network: {settings['model']}, {model_line(settings)}")
     with reported(f"{folder.CONFIG_FILE}: "):
         channels = check_int("channels", config.get("channels", 1))
     model, model_state = build_model(settings, channels)

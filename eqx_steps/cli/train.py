@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
-from . import _run_folder as folder
+from . import _run_folder as folder, _tasks as tasks
 from ._data import Data, load_data
 from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
@@ -48,6 +48,16 @@ def add_parser(commands: Any, formatter: Any) -> None:
         action="store_true",
         help="with --resume: when the latest checkpoint is corrupt, continue from "
         "the newest older one that is not (default: stop with an error)",
+    )
+    parser.add_argument(
+        "--tensorboard",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="DIR",
+        help="also write TensorBoard event files (metrics, learning rate, the "
+        "settings, samples.png at the end) to DIR (default: RUN_DIR/tensorboard); "
+        'needs tensorboardX: pip install "eqx_steps[tensorboard]"',
     )
     parser.add_argument(
         "--config",
@@ -123,9 +133,16 @@ def _make_trainer(
     from ..trainer import BasicTrainer
 
     model, model_state = build_model(settings, data.channels)
+    # deblur/ct: SCICO's two-stage MoDL (stage 1 first), clip_positive on the
+    # networks' positive weights.
+    model, model_state = tasks.first_stage(
+        settings, data, workdir, model, model_state, trainer_config
+    )
     config: dict[str, Any] = trainer_config(settings, workdir)
     if data.train_step_fn is not None:
         config["train_step_fn"] = data.train_step_fn
+    if (post_lst := tasks.post_processing(settings)) is not None:
+        config["post_lst"] = post_lst
     try:
         with reported(), warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", CheckpointFallbackWarning)
@@ -137,10 +154,12 @@ def _make_trainer(
                 model_state=model_state,
                 fallback=fallback,
             )
-    except UsageError:
+    except (UsageError, *_pipeline_errors(data)) as e:  # the first batch, too
         if created and is_main_process():
             folder.remove_if_empty(workdir)
-        raise
+        if isinstance(e, UsageError):
+            raise
+        raise UsageError(one_line(e)) from None
     why = "the latest complete checkpoint"
     for w in caught:
         if issubclass(w.category, CheckpointFallbackWarning):
@@ -186,7 +205,18 @@ def _header(settings: dict[str, Any], data: Data, trainer: Any, out: str) -> str
         f"{settings['batch_size']}, lr {settings['lr']:g}"
         + (f", resuming at step {start}" if start else "")
         + f"\n  run folder: {out}"
+        + _task_lines(settings)
     )
+
+
+def _task_lines(settings: dict[str, Any]) -> str:
+    """The task and the network's sizes (deblur, ct), for the header."""
+    if settings["task"] == "denoise":
+        return ""
+    text = f"\n  task: {tasks.describe(settings)}"
+    if settings["model"] in tasks.INVERSE_MODELS:
+        text += f"\n  {settings['model']}: {tasks.model_line(settings)}"
+    return text
 
 
 def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
@@ -194,7 +224,7 @@ def _run_config(settings: dict[str, Any], data: Data, workdir: str) -> dict:
     import jax
 
     return {
-        **{k: v for k, v in settings.items() if BY_NAME[k].saved},
+        **{k: v for k, v in tasks.saved(settings).items() if BY_NAME[k].saved},
         **trainer_config(settings, workdir),
         "channels": data.channels,
         "device_count": jax.device_count(),
@@ -223,7 +253,15 @@ def _finish(
             f"{settings['model']} after {step} steps, noise std "
             f"{settings['noise']:g} (the SNR of each patch)"
         )
-        folder.write_samples(workdir, data.test, output, snrs, title)
+        if settings["task"] != "denoise":
+            title += f"\n{tasks.describe(settings)}"
+        shown = {
+            "image": tasks.reference(settings, data.test["image"], data.test["label"]),
+            "label": data.test["label"],
+        }
+        folder.write_samples(
+            workdir, shown, output, snrs, title, names=tasks.names(settings)
+        )
     return text
 
 
@@ -253,11 +291,46 @@ def _interrupted(error: Any, out: str) -> NoReturn:
     raise SystemExit(error.exit_status)
 
 
+def _pipeline_errors(data: Data) -> tuple[type[BaseException], ...]:
+    """The errors of a streamed training set's pipeline (none for arrays)."""
+    if isinstance(data.train, dict):
+        return ()
+    from ..pipeline import PipelineError
+
+    return (PipelineError,)
+
+
+TENSORBOARD_DIR = "tensorboard"
+"""The folder of `--tensorboard`'s event files in the run folder."""
+
+
+def _tensorboard(
+    args: argparse.Namespace, trainer: Any, config: dict[str, Any], workdir: str
+) -> Any:
+    """The TensorBoard hook of `--tensorboard [DIR]`, added to `trainer`, or
+    `None` without the option."""
+    if args.tensorboard is None:
+        return None
+    from .._tensorboard import tensorboard_hook
+
+    logdir = args.tensorboard or os.path.join(workdir, TENSORBOARD_DIR)
+    hook = tensorboard_hook(logdir, trainer.history, config=config)
+    trainer.add_hook(hook, every=trainer.log_every_steps)
+    return hook
+
+
 def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps train` with the parsed `args`; the exit status."""
     from ..trainer import TrainingInterrupted
 
     settings, out, distributed = _settings(args)
+    if args.tensorboard is not None:  # refused before anything is written
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise UsageError(
+                '--tensorboard needs tensorboardX: pip install "eqx_steps[tensorboard]"'
+            ) from None
     start_jax(settings["devices"], distributed)
     main = is_main_process()
     workdir = os.path.abspath(out)
@@ -265,8 +338,12 @@ def run(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as stack:
         created = _open_folder(workdir, distributed is not None, stack)
         trainer, why = _make_trainer(settings, data, workdir, created, args.fallback)
+        config = _run_config(settings, data, workdir)
+        tensorboard = _tensorboard(args, trainer, config, workdir)
+        if tensorboard is not None:
+            stack.callback(tensorboard.close)
         if main:
-            folder.write_config(workdir, _run_config(settings, data, workdir))
+            folder.write_config(workdir, config)
             start = int(host(trainer.state.step))
             if args.resume:
                 print(
@@ -284,7 +361,22 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(130) from None
         except OSError as e:  # a checkpoint that could not be written
             raise UsageError(one_line(e)) from None
+        except _pipeline_errors(data) as e:  # a bad image, a worker that died
+            if main:
+                print(
+                    f"eqx-steps train: {one_line(e)}; the latest checkpoint is "
+                    f"intact: continue with eqx-steps train --out {out} --resume",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            raise SystemExit(1) from None
         text = _finish(settings, data, state, history, workdir)
+        if tensorboard is not None and main:
+            tensorboard.add_image(
+                "samples",
+                os.path.join(workdir, folder.SAMPLES_FILE),
+                int(host(state.step)),
+            )
     if main:  # after the lock is released (and its file removed)
         print(text + "\n" + folder.contents_line(out), flush=True)
     return 0

@@ -22,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .._iterate_data import host_leaf, take
-from .._validate import check_int
+from .._validate import check_int, is_grain as is_grain
 from ..data import cast_batch
 from ..parallel import device_mesh, shard
 from ..parallel._mesh import host_placer
@@ -39,50 +39,30 @@ elements read ahead (Grain's defaults, 16 and 500, hold hundreds of batches)."""
 
 
 class PipelineError(RuntimeError):
-    """The Grain input pipeline failed while training or evaluating.
+    """The input pipeline stopped: a transform that raised (in the main process
+    or in a Grain worker process), an image that could not be decoded (with
+    `on_error="raise"`), a worker process that died.
 
-    Raised when reading a batch raises (a transform that fails, in the main
-    process or in a Grain worker process): the message names the input, the
-    step and the pipeline's own error, which is also the exception's
-    `__cause__`. The training stops there; a run with checkpointing resumes
-    from its last checkpoint, with the batches it would have seen.
+    Raised when reading a batch of a Grain input fails: the message names the
+    cause (and, from `BasicTrainer`, the step and the last intact checkpoint);
+    `__cause__` is the original exception. The training stops there; a run with
+    checkpointing resumes from its last checkpoint, with the batches it would
+    have seen.
 
     **Attributes:** `step`, the global step (batch number) whose batch could
-    not be read.
+    not be read, or `None` when not known.
     """
 
-    def __init__(self, text: str, step: int):
+    def __init__(self, text: str, step: int | None = None):
         super().__init__(text)
         self.step = step
-
-
-def is_grain(obj: Any) -> bool:
-    """Whether `obj` is a Grain `MapDataset`, `IterDataset` or `DataLoader`.
-
-    Decided from its class alone, without importing Grain (a program that never
-    uses Grain does not load it).
-
-    **Arguments:**
-
-    - `obj`: anything.
-
-    **Returns:**
-
-    `True` for an instance of `grain.MapDataset`, `grain.IterDataset` or
-    `grain.DataLoader` (or of a subclass).
-    """
-    if isinstance(obj, _Renamed):
-        return True
-    names = {"MapDataset", "IterDataset", "DataLoader"}
-    return any(
-        c.__module__.split(".")[0] == "grain" and c.__name__ in names
-        for c in type(obj).__mro__
-    )
 
 
 class _Renamed:
     """A Grain input whose batches pass through `fn` (the trainer's renaming of
     the input and target entries)."""
+
+    eqx_steps_grain_input = True  # what `is_grain` looks for
 
     def __init__(self, source: Any, fn: Callable[[Any], Any]):
         self.source, self.fn = source, fn
@@ -179,9 +159,11 @@ class GrainStream:
         self.rows: str | None = None  # "global" or "process", set by the first batch
         self._saved_rows: tuple[str, int] | None = None  # the layout restored
         self.steps_per_epoch: int | None = None
-        if self.kind == "MapDataset":
+        try:  # a MapDataset, or an IterDataset that counts its epoch's batches
             n = len(source)
-            self.steps_per_epoch = n if 0 < n < sys.maxsize // 2 else None
+        except TypeError:
+            n = 0
+        self.steps_per_epoch = n if 0 < n < sys.maxsize // 2 else None
         self._it: Any = None
         self.passes = 0  # the pass the open iterator reads
         self._in_pass = 0  # batches read in that pass
@@ -220,6 +202,11 @@ class GrainStream:
 
     def _state(self, grain_state: Any) -> dict[str, Any]:
         return {"pass": self.passes, "in_pass": self._in_pass, "grain": grain_state}
+
+    @staticmethod
+    def failed(error: BaseException) -> bool:
+        """Whether `error` is the input pipeline's failure (a `PipelineError`)."""
+        return isinstance(error, PipelineError)
 
     def close(self) -> None:
         """Stop the Grain iterator (and its worker processes)."""
@@ -536,8 +523,8 @@ class GrainIter:
     **Attributes:**
 
     - `stream`: the `GrainStream` read.
-    - `steps_per_epoch`, `num_batches`: the batches of one pass when the input
-        has a length (a `MapDataset`), else `None`.
+    - `steps_per_epoch`, `num_batches`: the batches of one epoch when the input
+        has a length (a `MapDataset`, an `ImageFolderDataset`), else `None`.
     - `batch_size`: the global batch size (when not given, the first batch's
         size, once read).
     - `remainder`: the examples of the smaller last evaluation batch, once the
