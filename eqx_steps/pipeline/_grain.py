@@ -228,9 +228,12 @@ class GrainStream:
         except StopIteration:
             raise
         except Exception as e:
+            cause = (
+                str(e) if isinstance(e, PipelineError) else f"{type(e).__name__}: {e}"
+            )
             raise PipelineError(
                 f"the input pipeline `{self.name}` ({self.kind}) failed reading the "
-                f"batch of step {self.pulled}: {type(e).__name__}: {e}",
+                f"batch of step {self.pulled}: {cause}",
                 self.pulled,
             ) from e
 
