@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         CorruptCheckpointError as CorruptCheckpointError,
         latest_step as latest_step,
         load_config as load_config,
+        load_data_state as load_data_state,
         prepare_workdir as prepare_workdir,
     )
     from .data import (

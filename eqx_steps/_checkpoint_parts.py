@@ -29,6 +29,8 @@ _MAX_TO_KEEP = 3
 # The items of a checkpoint step: the state's arrays and the run's JSON config.
 _STATE = "state"
 _CONFIG = "config"
+# The input pipeline's state (JSON), in the checkpoints of runs that read a Grain input.
+_DATA = "data"
 # orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it when complete.
 _TMP_MARK = ".orbax-checkpoint-tmp"
 
@@ -57,6 +59,7 @@ def _manager(
     handlers = {
         _STATE: ocp.StandardCheckpointHandler(),
         _CONFIG: ocp.JsonCheckpointHandler(),
+        _DATA: ocp.JsonCheckpointHandler(),
     }
     manager = ocp.CheckpointManager(path, item_handlers=handlers, options=options)
     try:

@@ -201,3 +201,28 @@ def check_dataset(
             "your keys."
         )
     return dataset
+
+
+def is_grain(obj: Any) -> bool:
+    """Whether `obj` is a Grain `MapDataset`, `IterDataset` or `DataLoader`.
+
+    Decided from its class alone, without importing Grain (a program that never
+    uses Grain does not load it).
+
+    **Arguments:**
+
+    - `obj`: anything.
+
+    **Returns:**
+
+    `True` for an instance of `grain.MapDataset`, `grain.IterDataset` or
+    `grain.DataLoader` (or of a subclass, such as
+    [`eqx_steps.pipeline.ImageFolderDataset`][]).
+    """
+    if getattr(type(obj), "eqx_steps_grain_input", False):
+        return True
+    names = {"MapDataset", "IterDataset", "DataLoader"}
+    return any(
+        c.__module__.split(".")[0] == "grain" and c.__name__ in names
+        for c in type(obj).__mro__
+    )

@@ -17,6 +17,7 @@ Exporting a trained model to one file (`save_model`/`load_model`) lives in
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -35,6 +36,7 @@ from ._checkpoint_parts import (
     _CONFIG,
     _config_dict,
     _corrupt,
+    _DATA,
     _host_int,
     _is_key,
     _key_impl,
@@ -138,6 +140,7 @@ def checkpoint_save(
     workdir: str | os.PathLike,
     *,
     max_to_keep: int = _MAX_TO_KEEP,
+    data_state: Mapping[str, Any] | None = None,
 ) -> bool:
     """Save the arrays of a `TrainState` and the run's configuration.
 
@@ -162,6 +165,11 @@ def checkpoint_save(
     - `config`: the run's configuration (a dict, a dataclass instance, or `None`).
     - `workdir`: the checkpoint directory.
     - `max_to_keep`: how many of the latest steps to keep (default 3).
+    - `data_state`: the input pipeline's state at this step (a JSON object), stored
+        as a third item, `data`, and read back by [`eqx_steps.load_data_state`][];
+        `None` (default) stores none. `BasicTrainer` passes the state of a Grain
+        input here, so that a resumed run reads on with the batches the
+        uninterrupted run would have seen.
 
     **Returns:**
 
@@ -171,8 +179,11 @@ def checkpoint_save(
 
     - `ValueError`: if `workdir` already holds a later step (a checkpoint of
         another run): restore it to resume, or use another directory.
+    - `TypeError`: if `data_state` is not a JSON object.
     """
     _check_state(state)
+    if data_state is not None:
+        data_state = _json_object("data_state", data_state)
     max_to_keep = check_int("max_to_keep", max_to_keep, minimum=1)
     path = _workdir(workdir)
     config_json = _config_dict(config)
@@ -202,12 +213,28 @@ def checkpoint_save(
             _STATE: ocp.args.StandardSave(arrays),
             _CONFIG: ocp.args.JsonSave(config_json),
         }
+        if data_state is not None:
+            items[_DATA] = ocp.args.JsonSave(data_state)
         try:
             manager.save(step, args=ocp.args.Composite(**items))
             manager.wait_until_finished()
         except Exception as e:  # orbax and tensorstore raise ValueError, OSError...
             raise _save_failed(path, step, e) from e
     return True
+
+
+def _json_object(name: str, value: Any) -> dict[str, Any]:
+    """`value` checked to be a JSON object (a dict that survives JSON)."""
+    try:
+        ok = isinstance(value, Mapping) and json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise TypeError(
+            f"`{name}` must be a JSON object (a dict of str keys, numbers, strings, "
+            f"lists, dicts and None), got {type(value).__name__}: {value!r:.80}."
+        )
+    return dict(value)
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -374,3 +401,51 @@ def load_config(
     if not isinstance(config, dict):
         raise _corrupt(path, step, steps, TypeError("its config is not a JSON object"))
     return config
+
+
+def load_data_state(
+    workdir: str | os.PathLike, *, step: int | None = None
+) -> dict[str, Any] | None:
+    """Read the input pipeline's state stored with a checkpoint in `workdir`.
+
+    **Arguments:**
+
+    - `workdir`: the checkpoint directory.
+    - `step`: the checkpoint step to read; `None` (default) reads the latest one.
+
+    **Returns:**
+
+    The `data_state` given to [`eqx_steps.checkpoint_save`][] (for a run of
+    `BasicTrainer` on a Grain input, the state of the input's iterator at that
+    step, see the "Data pipelines" page), or `None` when the step stores none (a
+    run on a dict of arrays, or a checkpoint written before this item existed).
+
+    **Raises:**
+
+    - `FileNotFoundError`: `workdir` holds no (such) checkpoint.
+    - `ValueError`: the item is corrupt.
+    """
+    path = _workdir(workdir)
+    latest = latest_step(path)
+    step = latest if step is None else check_int("step", step, minimum=0)
+    if step is None or not (path / str(step)).is_dir():
+        what = "no complete checkpoint" if latest is None else f"no step {step}"
+        raise FileNotFoundError(
+            f"checkpoint directory {str(path)!r} holds {what}, so no input-pipeline "
+            "state to read."
+        )
+    item = path / str(step) / _DATA
+    if not item.is_dir():
+        return None
+    with _manager(path, create=False) as manager:
+        steps = sorted(manager.all_steps())
+        try:
+            args = ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()})
+            value = manager.restore(step, args=args)[_DATA]
+        except Exception as e:
+            raise _corrupt(path, step, steps, e) from e
+    if not isinstance(value, dict):
+        raise _corrupt(
+            path, step, steps, TypeError("its data item is not a JSON object")
+        )
+    return value

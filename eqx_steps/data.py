@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -22,11 +22,14 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from jaxtyping import PRNGKeyArray
 
 from ._iterate_data import HostBatch, IterateData as IterateData
-from ._validate import check_int, is_integer_image
+from ._validate import check_int, is_grain, is_integer_image
 from .parallel import device_mesh, shard
 from .parallel._mesh import host_placer
 from .state import DEVICE_AXIS
 
+
+if TYPE_CHECKING:
+    from .pipeline import GrainIter
 
 DeviceBatch = dict[str, Any]
 
@@ -178,7 +181,7 @@ class DeviceIter:
 
 def create_input_iter(
     key: PRNGKeyArray | int | None,
-    dataset: Mapping[str, Any],
+    dataset: Mapping[str, Any] | Any,
     batch_size: int,
     size_device_prefetch: int = 2,
     dtype: Any = jnp.float32,
@@ -191,7 +194,7 @@ def create_input_iter(
     name: str = "dataset",
     shuffle: bool = True,
     image_key: str | None = "image",
-) -> DeviceIter:
+) -> DeviceIter | GrainIter:
     """Create an iterator of batches sharded over and prefetched to the local devices.
 
     Batches come from [`eqx_steps.data.IterateData`][] (same order, same
@@ -227,7 +230,11 @@ def create_input_iter(
 
     - `key`: a PRNG key or int seed for the shuffling (training only).
     - `dataset`: a dict of arrays (or PyTrees of arrays) with equal leading
-        length.
+        length; or a Grain `MapDataset`, `IterDataset` or `DataLoader` whose
+        elements are such dicts, one global batch each (see the "Data
+        pipelines" page): then `key`, `shuffle` and `start_step` (0) do not
+        apply, the pipeline orders its batches itself, and a
+        [`eqx_steps.pipeline.GrainIter`][] is returned.
     - `batch_size`: the global batch size; a multiple of `jax.device_count()`.
     - `size_device_prefetch`: batches placed ahead (0 places each when asked).
     - `dtype`: dtype of the floating leaves and of an integer image (`None`
@@ -241,7 +248,8 @@ def create_input_iter(
 
     **Returns:**
 
-    A [`eqx_steps.data.DeviceIter`][] yielding dicts of JAX arrays; it exposes
+    A [`eqx_steps.data.DeviceIter`][] (for a Grain input, a
+    [`eqx_steps.pipeline.GrainIter`][]) yielding dicts of JAX arrays; it exposes
     `steps_per_epoch`, `num_batches` (counted in batches, not items), `remainder`
     and `remainder_batch()`.
     """
@@ -259,6 +267,27 @@ def create_input_iter(
                 f"`dtype` = {dtype} is not a floating dtype; it is the dtype of the "
                 "floating entries: pass e.g. jnp.float32 or jnp.bfloat16 (or None)."
             )
+    if is_grain(dataset):
+        from .pipeline._grain import grain_input_iter  # imports Grain's users only
+
+        if start_step:
+            raise ValueError(
+                f"`start_step` = {start_step} with a Grain input: a Grain input is "
+                "read from where its iterator is, not from a step; to resume, "
+                "restore its checkpointed state (BasicTrainer does)."
+            )
+        return grain_input_iter(
+            dataset,
+            batch_size,
+            train=train,
+            steps_per_call=k,
+            size_device_prefetch=prefetch,
+            dtype=dtype,
+            image_key=image_key,
+            name=name,
+            process_index=process_index,
+            process_count=process_count,
+        )
     data = IterateData(
         dataset,
         batch_size,
@@ -277,6 +306,27 @@ def create_input_iter(
         steps_per_call=k,
         image_key=image_key,
     )
+
+
+def cast_batch(batch: Mapping[str, Any], dtype: Any, image_key: str | None) -> Any:
+    """`batch` with its leaves cast as `create_input_iter` casts them: floating
+    leaves to `dtype`, the integer image `image_key` too, others kept (`dtype =
+    None`: all kept)."""
+    out = {}
+    for name, entry in batch.items():
+        image = dtype is not None and name == image_key
+        if image and is_integer_image(entry):
+            out[name] = entry.astype(dtype)
+            continue
+
+        def cast(x: Any) -> Any:
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            if dtype is None or not floating or x.dtype == dtype:
+                return x
+            return x.astype(dtype)
+
+        out[name] = jax.tree_util.tree_map(cast, entry)
+    return out
 
 
 class BatchStream:
@@ -343,21 +393,7 @@ class BatchStream:
         return self._check(self.rename(next(self._it)))
 
     def _prepare(self, batch: dict[str, Any]) -> Any:
-        out = {}
-        for name, entry in batch.items():
-            image = self.dtype is not None and name == self.image_key
-            if image and is_integer_image(entry):
-                out[name] = entry.astype(self.dtype)
-                continue
-
-            def cast(x: Any) -> Any:
-                floating = jnp.issubdtype(x.dtype, jnp.floating)
-                if self.dtype is None or not floating or x.dtype == self.dtype:
-                    return x
-                return x.astype(self.dtype)
-
-            out[name] = jax.tree_util.tree_map(cast, entry)
-        return shard(out)
+        return shard(cast_batch(batch, self.dtype, self.image_key))
 
     def next_item(self, k: int) -> Any:
         """The next `k` batches, stacked on a new leading axis when `k > 1`."""

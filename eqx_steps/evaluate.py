@@ -18,18 +18,23 @@ per-device step on one device.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import jax
 import numpy as np
 
-from ._validate import check_dataset, check_int
+from ._validate import check_dataset, check_int, is_grain
 from .data import create_input_iter, DeviceIter
 from .platform import default_backend_jit
 from .state import TrainState
 from .steps import Batch, Criterion, eval_step, MetricsFn
+
+
+if TYPE_CHECKING:
+    from .pipeline import GrainIter
 
 
 EvalFn = Callable[[TrainState, Batch], Mapping[str, Any]]
@@ -71,18 +76,27 @@ def _eval_iter(
     batch_size: int,
     max_batches: int | None = None,
     image_key: str | None = "image",
-) -> tuple[DeviceIter, int, bool]:
+) -> tuple[DeviceIter | GrainIter, int, bool]:
     """The evaluation iterator over `dataset`, and what of it a pass runs.
 
     **Returns:**
 
     A 3-tuple of the iterator (`create_input_iter(..., train=False)`), the number
     of full batches to run and whether the smaller last batch runs too, given
-    `max_batches` (the smaller last batch counting as one; `None`: all).
+    `max_batches` (the smaller last batch counting as one; `None`: all). For a
+    Grain input, whose batches are counted as they come, `max_batches` (or no
+    limit) and `True`: its smaller last batch runs when the pass reaches it.
     """
     data = create_input_iter(
         None, dataset, batch_size, train=False, image_key=image_key
     )
+    if not isinstance(data, DeviceIter):  # Grain: its length shows at its end
+        n = (
+            sys.maxsize
+            if max_batches is None
+            else check_int("max_batches", max_batches)
+        )
+        return data, n, True
     total = data.num_batches + bool(data.remainder)
     if max_batches is not None:
         total = min(total, check_int("max_batches", max_batches))
@@ -93,7 +107,7 @@ def _evaluation_pass(
     parallel_fn: EvalFn,
     step_fn: StepFn,
     state: TrainState,
-    data: DeviceIter,
+    data: DeviceIter | GrainIter,
     n_full: int,
     with_rest: bool,
     *,
@@ -122,9 +136,28 @@ def _evaluation_pass(
     A generator of `(number of examples, result)`, one per batch, in order; the
     results stay on the devices.
     """
+    count = 0
     for _, batch in zip(range(n_full), data):
+        count += 1
         yield data.batch_size, parallel_fn(state, batch)
-    rest = data.remainder_batch() if with_rest else None
+    # A Grain pass stopped at `n_full` batches has not reached its last batch.
+    grain_cut = not isinstance(data, DeviceIter) and count == n_full
+    rest = data.remainder_batch() if with_rest and not grain_cut else None
+    if not isinstance(data, DeviceIter) and rest is None and count == 0:
+        raise ValueError(
+            f"`dataset` ({data.stream.kind}) yielded no batch to evaluate on; "
+            "pass a dataset with at least one example."
+        )
+    if rest is not None and (criterion is None or metrics_fn is None):
+        if step_fn is eval_step:  # the stock step needs both
+            raise ValueError(
+                f"the last batch of `dataset` holds {data.remainder} examples, fewer "
+                f"than `batch_size` = {data.batch_size}: it is evaluated as one "
+                "smaller batch on one device, which needs the per-device step's "
+                "functions; pass `criterion=` and `metrics_fn=` (those given to "
+                "`parallel_eval_step`), or batch the dataset with "
+                "drop_remainder=True."
+            )
     if rest is not None:
         if step_fn is eval_step:  # it never reads the optimizer state (ZeRO: cut)
             state = state.replace(opt_state=None)
@@ -162,7 +195,7 @@ def _weighted_mean(results: list[tuple[int, Mapping[str, Any]]]) -> dict[str, fl
 def evaluate_dataset(
     eval_fn: EvalFn,
     state: TrainState,
-    dataset: Mapping[str, Any],
+    dataset: Mapping[str, Any] | Any,
     batch_size: int,
     *,
     max_batches: int | None = None,
@@ -187,7 +220,11 @@ def evaluate_dataset(
     - `eval_fn`: a function from [`eqx_steps.parallel_eval_step`][].
     - `state`: the state to evaluate.
     - `dataset`: a dict of arrays with `"image"` and `"label"` (each may be a
-        PyTree of arrays, e.g. a tuple of a model's several inputs).
+        PyTree of arrays, e.g. a tuple of a model's several inputs), or a Grain
+        `MapDataset`, `IterDataset` or `DataLoader` yielding such dicts as
+        batches of `batch_size` examples (global batches; see the "Data
+        pipelines" page), one pass of which is evaluated, its last batch possibly
+        smaller (batched with `drop_remainder=False`).
     - `batch_size`: the global batch size (a multiple of the device count).
     - `max_batches`: stop after this many batches, the smaller last one counting
         as one (SCICO's `steps_per_eval`; `None`: the whole dataset).
@@ -207,9 +244,14 @@ def evaluate_dataset(
     `ValueError` when a metric is not a scalar (naming it), or when there is a
     remainder to evaluate and `criterion` or `metrics_fn` is missing.
     """
-    check_dataset("dataset", dataset)
+    if not is_grain(dataset):
+        check_dataset("dataset", dataset)
     data, n_full, with_rest = _eval_iter(dataset, batch_size, max_batches, image_key)
-    if with_rest and (criterion is None or metrics_fn is None):
+    if (
+        isinstance(data, DeviceIter)
+        and with_rest
+        and (criterion is None or metrics_fn is None)
+    ):
         raise ValueError(
             f"`dataset` has {data.data.n} examples, not a multiple of `batch_size` = "
             f"{data.batch_size}: the last {data.remainder} are evaluated as one "

@@ -16,7 +16,7 @@ import os
 import typing
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import equinox as eqx
 import jax
@@ -45,15 +45,20 @@ from ._validate import (
     check_divisible,
     check_int,
     DATA_KEYS,
+    is_grain,
     is_integer_image,
 )
-from .checkpoint import checkpoint_save
+from .checkpoint import checkpoint_save, latest_step, load_data_state
 from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
 from .schedules import as_schedule
 from .state import per_example, TrainState, whole_batch
 from .steps import eval_step, train_step
+
+
+if TYPE_CHECKING:
+    from .pipeline import GrainStream
 
 
 METRICS_FILE = "metrics.jsonl"
@@ -179,8 +184,8 @@ class BasicTrainer:
         self,
         config: Mapping[str, Any] | TrainConfig,
         model: PyTree,
-        train_ds: Mapping[str, Any] | Iterable[Mapping[str, Any]],
-        test_ds: Mapping[str, Any] | None = None,
+        train_ds: Mapping[str, Any] | Iterable[Mapping[str, Any]] | Any,
+        test_ds: Mapping[str, Any] | Any | None = None,
         *,
         model_state: eqx.nn.State | None = None,
         key: PRNGKeyArray | None = None,
@@ -203,7 +208,14 @@ class BasicTrainer:
             re-iterable one (a list, a loader object) starts a new pass when it
             ends; one without a length needs `config["num_steps"]`; a resumed run
             reads on from where the iterable is (it does not skip batches).
-        - `test_ds`: a dict as `train_ds`, or `None` (no evaluation: the records
+            Or a Grain `MapDataset`, `IterDataset` or `DataLoader` of global
+            batches of `config["batch_size"]` (or, sharded by process, of each
+            process's share): its state is stored in each checkpoint and a
+            resumed run reads on with the batches the uninterrupted run would
+            have seen (see the "Data pipelines" page); one without a length
+            needs `config["num_steps"]`.
+        - `test_ds`: a dict as `train_ds` (or a Grain input of batches, read
+            one pass per evaluation), or `None` (no evaluation: the records
             hold the train metrics only). Entries beyond the input and the
             target reach a custom `train_step_fn`/`eval_step_fn` in each batch;
             with the stock steps, which do not read them, a warning names them.
@@ -234,7 +246,25 @@ class BasicTrainer:
         keys = (cfg.input_key, cfg.target_key)
         check_model(model)
         self.stream: BatchStream | None = None
-        if not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
+        self.grain: GrainStream | None = None  # a Grain train_ds
+        if is_grain(train_ds):
+            from .pipeline import GrainStream, PipelineError
+            from .pipeline._grain import renamed
+
+            self.grain = GrainStream(
+                renamed(train_ds, lambda b: _as_step_batch("train_ds", b, keys)),
+                cfg.batch_size,
+                train=True,
+                name="train_ds",
+            )
+            # Set at the checkpoint's state before the first read: a loader's
+            # workers start once, at the resumed position.
+            self._input_step = self._resume_input(cfg)
+            try:
+                first = self.grain.peek()
+            except PipelineError as e:
+                raise self._input_failed(e, self._input_step) from e
+        elif not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
             self.stream = BatchStream(
                 train_ds,
                 dtype=None,  # set below, once the model's dtype is known
@@ -245,12 +275,17 @@ class BasicTrainer:
         else:
             check_dataset("train_ds", train_ds, keys)
             first = train_ds = _as_step_batch("train_ds", train_ds, keys)
-        if test_ds is not None:
+        if is_grain(test_ds):
+            from .pipeline._grain import renamed
+
+            test_ds = renamed(test_ds, lambda b: _as_step_batch("test_ds", b, keys))
+        elif test_ds is not None:
             check_dataset("test_ds", test_ds, keys)
             test_ds = _as_step_batch("test_ds", test_ds, keys)
         n = jax.device_count()
+        default = self.grain.batch_size if self.grain is not None else None
         self.batch_size = check_divisible(
-            "config['batch_size']", cfg.batch_size or 2 * n, n, "devices"
+            "config['batch_size']", cfg.batch_size or default or 2 * n, n, "devices"
         )
         self.data_key, _ = jax.random.split(jax.random.key(cfg.seed))
         self.train_ds, self.test_ds = train_ds, test_ds
@@ -270,7 +305,7 @@ class BasicTrainer:
         # the default convention: one array, handed to the model as it is.
         self.image_key = "image" if forward in (per_example, whole_batch) else None
         _warn_unscaled_images(first["image"], self.image_key is not None)
-        _warn_unused_entries(cfg, first, test_ds)
+        _warn_unused_entries(cfg, first, None if is_grain(test_ds) else test_ds)
         self.eval_dt_iter = (
             None
             if test_ds is None
@@ -291,6 +326,15 @@ class BasicTrainer:
                 raise ValueError(
                     "`train_ds` is an iterable of batches without a length, so the "
                     "run has no epochs to count: set config['num_steps'] (the "
+                    "number of training steps)."
+                )
+            self.steps_per_epoch = size or cfg.num_steps or 1
+        elif self.grain is not None:
+            size = self.grain.steps_per_epoch
+            if size is None and cfg.num_steps is None:
+                raise ValueError(
+                    f"`train_ds` is a Grain {self.grain.kind} without a length, so "
+                    "the run has no epochs to count: set config['num_steps'] (the "
                     "number of training steps)."
                 )
             self.steps_per_epoch = size or cfg.num_steps or 1
@@ -327,6 +371,10 @@ class BasicTrainer:
         if self.stream is not None:
             self.stream.step = int(self.state.step)
             self.train_dt_iter = self.stream.view(1)
+        elif self.grain is not None:
+            if int(self.state.step) != self._input_step:  # e.g. restored by fallback
+                self._restore_input(int(self.state.step))
+            self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         elif int(self.state.step):
             self.train_dt_iter = self._train_iter(int(self.state.step), 1)
         # With a ready optimizer, the recorded learning rate is the one its state
@@ -358,9 +406,68 @@ class BasicTrainer:
         [`eqx_steps.parallel_eval_step`][])."""
         return self.eval_fn
 
+    def _resume_input(self, cfg: TrainConfig) -> int:
+        """Set the Grain input at the state of the latest checkpoint, if it holds
+        one; the step it is set at (0: none). `initial_state` then restores the
+        train state; should it restore another step (`fallback`), the input is
+        set again, at that step."""
+        assert self.grain is not None
+        if not cfg.checkpointing:
+            return 0
+        workdir = os.path.abspath(cfg.workdir)
+        step = latest_step(workdir)
+        if not step:
+            return 0
+        try:
+            saved = load_data_state(workdir, step=step)
+        except (OSError, ValueError):  # a damaged step: initial_state says how
+            return 0
+        if saved is None:
+            return 0
+        self.grain.restore(step, saved)
+        return step
+
+    def _restore_input(self, step: int) -> None:
+        """Continue the Grain input from the state saved with checkpoint `step`;
+        from its start (with a warning) when that checkpoint holds none."""
+        assert self.grain is not None
+        saved = None
+        if step and self.config.checkpointing:
+            saved = load_data_state(self.workdir, step=step)
+        self.grain.restore(step, saved)
+        if saved is None and step:
+            warnings.warn(
+                f"the checkpoint of step {step} holds no input-pipeline state (it "
+                "was written by a run on a dict of arrays, or by an older version): "
+                "`train_ds` is read from its start, so the resumed run does not see "
+                "the batches the uninterrupted run would have.",
+                stacklevel=3,
+            )
+
+    def input_state(self, step: int) -> dict[str, Any] | None:
+        """The input's state saved with the checkpoint of `step`: for a Grain
+        `train_ds`, its iterator's state from which the batch of `step` follows
+        (JSON; see [`eqx_steps.load_data_state`][]); `None` for a dict of arrays
+        or an iterable, whose batches follow from the step alone or are not
+        tracked. In a multi-process run whose pipeline yields per-process
+        batches, every process must call it at the same step (it gathers their
+        states).
+        """
+        return None if self.grain is None else self.grain.checkpoint_state(step)
+
     def _train_iter(self, step: int, steps_per_call: int) -> Any:
         if self.stream is not None:  # a user's iterable: read on, never rewound
             return self.stream.view(steps_per_call)
+        if self.grain is not None:  # one stream, read forwards, held by step
+            from .pipeline import GrainIter
+
+            return GrainIter(
+                self.grain,
+                start_step=step,
+                steps_per_call=steps_per_call,
+                dtype=self.dtype,
+                image_key=self.image_key,
+            )
         return create_input_iter(
             self.data_key,
             typing.cast(Mapping[str, Any], self.train_ds),
@@ -454,7 +561,12 @@ class BasicTrainer:
         return hooks
 
     def _save(self, info: StepInfo) -> None:
-        checkpoint_save(info.state, self.config.to_dict(), self.workdir)
+        checkpoint_save(
+            info.state,
+            self.config.to_dict(),
+            self.workdir,
+            data_state=self.input_state(info.step),
+        )
 
     def _stop(self, info: StepInfo, signum: int) -> TrainingInterrupted:
         """Save `info`'s state (with checkpointing) and say so, after a signal."""
@@ -522,7 +634,13 @@ class BasicTrainer:
                 k = call_size(step, cfg.steps_per_call, self.num_steps, periods)
                 if k not in iters or iters[k].step != step:
                     iters[k] = self._train_iter(step, k)
-                state, metrics = self._train_fns[k](state, next(iters[k]))
+                try:
+                    batch = next(iters[k])
+                except Exception as e:
+                    if self.grain is None or not self.grain.failed(e):
+                        raise
+                    raise self._input_failed(e, step) from e
+                state, metrics = self._train_fns[k](state, batch)
                 before, step = step, step + k
                 info = StepInfo(step, step // self.steps_per_epoch, state, metrics, k)
                 for hook in hooks:
@@ -535,6 +653,26 @@ class BasicTrainer:
         if self.history.records:
             self.log("Done: " + format_record(self.history.records[-1]))
         return self._result(state)
+
+    def _input_failed(self, error: Exception, step: int) -> Exception:
+        """`error` with where the run stopped and what was saved."""
+        if self.grain is not None:
+            self.grain.close()
+        if not self.config.checkpointing:
+            saved = "nothing was saved (checkpointing is off)."
+        else:
+            workdir = os.path.abspath(self.config.workdir)
+            last = latest_step(workdir)
+            saved = (
+                f"the last checkpoint, step {last} in {workdir!r}, is intact: fix "
+                "the input and run again to resume from it, with the batches the "
+                "uninterrupted run would have seen."
+                if last is not None
+                else f"no checkpoint was saved yet in {workdir!r}."
+            )
+        from .pipeline import PipelineError
+
+        return PipelineError(f"{error} The run stopped at step {step}; {saved}", step)
 
     def _result(self, state: TrainState) -> tuple[Any, History]:
         if self.config.return_state:

@@ -37,6 +37,7 @@ from ..images import (
     _read_pixels,
     _to_unit_range,
 )
+from ._grain import PipelineError
 
 
 ON_ERROR = ("skip", "raise")
@@ -285,12 +286,6 @@ class _Pairs:
         rng = np.random.default_rng([self.seed, _NOISE, b])
         z = rng.standard_normal(clean.shape, np.float32)
         return {"image": clean + np.float32(self.noise_std) * z, "label": clean}
-
-
-class PipelineError(RuntimeError):
-    """The input pipeline stopped: an image that could not be decoded (with
-    `on_error="raise"`), a worker process that died, or another error in it.
-    The message names the cause; `__cause__` is the original exception."""
 
 
 class _Iterator(grain.DatasetIterator):
