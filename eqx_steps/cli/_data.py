@@ -10,8 +10,8 @@
     `--train-size` fresh random patches every epoch (turned and flipped with
     `--augment`). Memory holds a few images, whatever the folder's size. An
     unreadable image is skipped with a note and counted, or stops the run
-    (`--on-bad-image`). A resumed run restarts the stream at its first epoch
-    until the trainer checkpoints the position of a Grain iterator.
+    (`--on-bad-image`). The stream's position is saved in every checkpoint,
+    so a resumed run reads on with the patches the uninterrupted run would have.
 - With `--data FILE` (one image, an .npy/.npz array; or a folder of one image,
     or any `--data` in a multi-process run): the images are read into memory
     ([`eqx_steps.images.read_images`][]), split into training and test images,
