@@ -222,7 +222,9 @@ def test_with_depth_carries_the_weights_over():
     assert (deep.depth, deep.cg_iter, model.depth, model.cg_iter) == (3, 4, 2, 2)
     for a, b in zip(jax.tree_util.tree_leaves(deep), jax.tree_util.tree_leaves(model)):
         assert a is b  # the same arrays, carried over
-    out, _ = eqx_steps.per_example(deep, state, jnp.asarray(DATA["y16||"]))
+    out, _ = eqx.filter_jit(eqx_steps.per_example)(
+        deep, state, jnp.asarray(DATA["y16||"])
+    )
     assert out.shape == (2, 16, 16, 1) and bool(jnp.all(jnp.isfinite(out)))
 
 
@@ -234,7 +236,7 @@ def test_operator_gets_no_gradient():
         out, _ = eqx_steps.per_example(m, state, y)
         return jnp.mean(out**2)
 
-    grads = eqx.filter_grad(loss)(model)
+    grads = eqx.filter_jit(eqx.filter_grad(loss))(model)  # jitted: op by op is slow
     assert float(jnp.max(jnp.abs(grads.operator.psf))) == 0.0
     assert float(jnp.abs(grads.lmbda[0])) > 0.0
 
