@@ -21,7 +21,13 @@ table: the fastest step of all runs (min) and the median of the runs' medians.
 `--neighbours K` runs K CPU-bound busy loops beside both for the whole
 comparison (a user's machine is rarely idle); `--library-xla-flags` and
 `--scico-xla-flags` set the XLA flags of each side (e.g. to compare threading
-settings under contention).
+settings under contention). `--also-library-xla-flags=FLAGS` adds a third
+alternating run of the library with those flags, e.g.
+`--also-library-xla-flags=--xla_cpu_experimental_ynn_fusion_type=` for the
+library's setting before it gave reductions to YNNPACK. `--conv-floor` adds a run of the step's 17
+convolutions alone (the gradient of six circular 3x3 convolutions in a chain,
+no batch norm, no activation, no optimizer, compiled with the library's XLA
+options): the floor of the step on this CPU.
 """
 
 from __future__ import annotations
@@ -112,7 +118,7 @@ def child_scico(steps: int) -> dict:
     }
 
 
-def child_library(steps: int) -> dict:
+def child_library(steps: int, label: str = "") -> dict:
     import equinox as eqx
     import jax
     import optax
@@ -128,9 +134,50 @@ def child_library(steps: int) -> dict:
         lambda step: LR, es.mse_loss, es.compute_metrics, backend="pmap"
     )
     return {
-        "impl": "eqx_steps parallel_train_step, pmap",
+        "impl": "eqx_steps parallel_train_step, pmap" + label,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         **_time(step, state, es.shard(_batch()), steps),
+    }
+
+
+def child_convs(steps: int) -> dict:
+    """The training step's convolutions alone: forward, input gradients and
+    kernel gradients of the DnCNN's six layers, with the circular padding."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax import lax
+
+    from eqx_steps.platform import compiler_options
+
+    rng = np.random.default_rng(0)
+    sizes = [SHAPE[-1]] + [FILTERS] * (DEPTH - 1) + [SHAPE[-1]]
+    kernels = [
+        jnp.asarray(0.1 * rng.normal(size=(3, 3, i, o)), jnp.float32)
+        for i, o in zip(sizes[:-1], sizes[1:])
+    ]
+
+    def loss(kernels, x):
+        for k in kernels:
+            x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="wrap")
+            x = lax.conv_general_dilated(
+                x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
+        return jnp.mean(x**2)
+
+    grad = jax.jit(
+        jax.grad(loss), compiler_options=compiler_options(jax.default_backend())
+    )
+    image = jnp.asarray(_batch()["image"])
+
+    def step(kernels, batch):
+        g = grad(kernels, batch)
+        return kernels, g[0]
+
+    return {
+        "impl": "the step's 17 convolutions alone (jax.jit, circular padding)",
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **_time(step, kernels, image, steps),
     }
 
 
@@ -149,9 +196,11 @@ def neighbours(n: int):
             proc.wait()
 
 
-def _run(python: str, which: str, steps: int, flags: str | None = None) -> dict:
+def _run(
+    python: str, which: str, steps: int, flags: str | None = None, label: str = ""
+) -> dict:
     """One fresh process of `which`; `flags`: its `XLA_FLAGS` (the library's:
-    `None` for the command's default, the ynn fusion off)."""
+    `None` for the command's default: `eqx_steps.platform.configure_xla_flags`)."""
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     env.pop("XLA_FLAGS", None)
     if which == "scico":
@@ -159,8 +208,9 @@ def _run(python: str, which: str, steps: int, flags: str | None = None) -> dict:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count=1 {flags or ''}"
     elif flags is not None:
         env["XLA_FLAGS"] = flags
+    argv = [python, os.path.abspath(__file__), "--child", which, "--steps", str(steps)]
     out = subprocess.run(
-        [python, os.path.abspath(__file__), "--child", which, "--steps", str(steps)],
+        argv + (["--label", label] if label else []),
         env=env,
         capture_output=True,
         text=True,
@@ -179,35 +229,57 @@ def main(argv=None) -> None:
     p.add_argument(
         "--library-xla-flags",
         help="XLA_FLAGS of the library's runs instead of the command's default "
-        "(the ynn fusion off); '' for XLA's defaults",
+        "(YNNPACK for reductions only); '' for XLA's defaults",
     )
     p.add_argument("--scico-xla-flags", help="extra XLA_FLAGS of SCICO's runs")
+    p.add_argument(
+        "--also-library-xla-flags",
+        help="a third run of the library, alternating, with these XLA_FLAGS",
+    )
     p.add_argument(
         "--neighbours",
         type=int,
         default=0,
         help="CPU-bound processes (busy loops) to run beside the measured ones",
     )
-    p.add_argument("--child", choices=("scico", "library"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--conv-floor",
+        action="store_true",
+        help="a third (or fourth) run: the step's convolutions alone",
+    )
+    p.add_argument(
+        "--child", choices=("scico", "library", "convs"), help=argparse.SUPPRESS
+    )
+    p.add_argument("--label", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child == "scico":
         print(json.dumps(child_scico(args.steps)))
         return
-    if args.child == "library":
+    if args.child in ("library", "convs"):
         from eqx_steps.platform import configure_xla_flags
 
         configure_xla_flags(1)
-        print(json.dumps(child_library(args.steps)))
+        if args.child == "library":
+            print(json.dumps(child_library(args.steps, args.label)))
+        else:
+            print(json.dumps(child_convs(args.steps)))
         return
     if not args.scico_python:
         p.error("--scico-python is required (see the module docstring)")
     runs: dict[str, list[dict]] = {}
-    flags = {"scico": args.scico_xla_flags, "library": args.library_xla_flags}
+    sides = [
+        ("scico", args.scico_python, args.scico_xla_flags, ""),
+        ("library", sys.executable, args.library_xla_flags, ""),
+    ]
+    if args.also_library_xla_flags is not None:
+        flags = args.also_library_xla_flags
+        sides.append(("library", sys.executable, flags, f", XLA_FLAGS={flags}"))
+    if args.conv_floor:
+        sides.append(("convs", sys.executable, args.library_xla_flags, ""))
     with neighbours(args.neighbours):
         for _ in range(args.repeats):
-            for which in ("scico", "library"):
-                python = args.scico_python if which == "scico" else sys.executable
-                r = _run(python, which, args.steps, flags[which])
+            for which, python, flags, label in sides:
+                r = _run(python, which, args.steps, flags, label)
                 r["neighbours"] = args.neighbours
                 print(json.dumps(r), flush=True)
                 runs.setdefault(r["impl"], []).append(r)
