@@ -4,9 +4,10 @@
 so the suite runs once per device count: `EQX_STEPS_BENCH_DEVICES` (default 4)
 sets N here, before JAX starts, through `eqx_steps.platform.configure_xla_flags`
 (the function the tests and the command use): when the user has not set
-`XLA_FLAGS` themselves, `--xla_cpu_experimental_ynn_fusion_type=` is added too
-(XLA:CPU of jaxlib 0.10 runs convolutions ~3x faster with it; older jaxlibs abort
-on it).
+`XLA_FLAGS` themselves,
+`--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE` is added too
+(XLA:CPU of jaxlib 0.10 runs convolutions ~3x faster without YNNPACK, and
+reductions faster with it; older jaxlibs abort on it).
 
 Run with `pytest benchmarks --benchmark-only` (times everything) or
 `pytest benchmarks --benchmark-disable` (CI: every case once, small sizes).

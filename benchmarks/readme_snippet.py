@@ -4,9 +4,11 @@ the XLA flag.
 A user who copies the snippet sets no `XLA_FLAGS`. The library compiles its own
 programs with the fast XLA:CPU options (`eqx_steps.platform.compiler_options`),
 so the snippet should run as fast as with
-`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=`. This runs the snippet's code
-block, taken from README.md as it is, in fresh processes that alternate between
-no `XLA_FLAGS` at all and the flag, and compares their time per step.
+`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE`
+(the library's setting: reductions to YNNPACK, convolutions to XLA). This runs
+the snippet's code block, taken from README.md as it is, in fresh processes that
+alternate between no `XLA_FLAGS` at all and the flag, and compares their time
+per step.
 
 The snippet leaves `MyNet`, `batches` and `test_batch` to the reader; here
 `MyNet` is `eqx_steps.models.DnCNN` (depth 6, 32 filters, one channel: the
@@ -31,7 +33,7 @@ import sys
 
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-FLAG = "--xla_cpu_experimental_ynn_fusion_type="
+FLAG = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
 FULL = {"depth": 6, "filters": 32, "hw": 64, "batch": 16}
 QUICK = {"depth": 2, "filters": 4, "hw": 16, "batch": 4}
 

@@ -24,11 +24,10 @@ comparison (a user's machine is rarely idle); `--library-xla-flags` and
 settings under contention). `--also-library-xla-flags=FLAGS` adds a third
 alternating run of the library with those flags, e.g.
 `--also-library-xla-flags=--xla_cpu_experimental_ynn_fusion_type=` for the
-library's setting before it gave reductions to YNNPACK. `--conv-floor` adds a run of the step's 17
-convolutions alone (the gradient of six circular 3x3 convolutions in a chain,
-no batch norm, no activation, no optimizer, compiled with the library's XLA
-options): the floor of the step on this CPU.
-"""
+library's setting before it gave reductions to YNNPACK. `--conv-floor` adds a
+run of the step's 17 convolutions alone (the gradient of six circular 3x3
+convolutions in a chain, no batch norm, no activation, no optimizer, compiled
+with the library's XLA options): the floor of the step on this CPU."""
 
 from __future__ import annotations
 

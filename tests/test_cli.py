@@ -220,9 +220,8 @@ def test_configure_xla_flags(monkeypatch):
     monkeypatch.delenv("XLA_FLAGS", raising=False)
     flags = platform.configure_xla_flags(3)
     assert "--xla_force_host_platform_device_count=3" in flags
-    assert ("--xla_cpu_experimental_ynn_fusion_type=" in flags) == (
-        platform.jaxlib_version() >= (0, 10)
-    )
+    ynn = "--xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_REDUCE"
+    assert (ynn in flags) == (platform.jaxlib_version() >= (0, 10))
     # A user's own XLA_FLAGS: kept, only the device count replaced.
     user = "--xla_force_host_platform_device_count=8 --xla_cpu_foo=1"
     monkeypatch.setenv("XLA_FLAGS", user)
