@@ -134,7 +134,10 @@ def make_data(path: str, size: int, n_train: int, n_test: int, rec: dict) -> Non
     bs = rec["batch_size"]
     epochs = max(sum(e for _, e in rec[m]["stages"]) for m in ("modl", "odp"))
     order = np.stack(
-        [rng.permutation(n_train)[: n_train // bs * bs].reshape(-1, bs) for _ in range(epochs)]
+        [
+            rng.permutation(n_train)[: n_train // bs * bs].reshape(-1, bs)
+            for _ in range(epochs)
+        ]
     )
     np.savez(
         path,
@@ -211,25 +214,27 @@ def child_library(data: str, model_name: str, out: str, init: str | None) -> dic
         schedule, es.mse_loss, es.compute_metrics, post_lst=post
     )
     order = d["order"]
-    times, epoch0, losses = [], 0, []
+    times, cpu_times, epoch0, losses = [], [], 0, []
     for depth, epochs in stages:
         if model_name == "modl":
             model = model.with_depth(depth)
         tx = optax.sgd(schedule, momentum=rec["momentum"], nesterov=True)
         state = es.TrainState.create(model, tx, model_state=model_state)
-        stage_times = []
+        stage_times, stage_cpu = [], []
         for e in range(epoch0, epoch0 + epochs):
             for idx in order[e]:
                 batch = es.shard(
                     {"image": d["train_image"][idx], "label": d["train_label"][idx]}
                 )
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 state, metrics = step(state, batch)
                 jax.block_until_ready((state, metrics))
                 stage_times.append(time.perf_counter() - t0)
+                stage_cpu.append(time.process_time() - c0)
             losses.append(float(np.mean(metrics["loss"])))
         epoch0 += epochs
         times.append(stage_times)
+        cpu_times.append(stage_cpu)
         model, model_state = state.model, state.model_state
 
     output, _ = es.per_example(
@@ -242,6 +247,7 @@ def child_library(data: str, model_name: str, out: str, init: str | None) -> dic
         "model": model_name,
         "devices": jax.local_device_count(),
         "step_times_s": times,
+        "step_cpu_s": cpu_times,
         "epoch_losses": losses,
     }
 
@@ -284,9 +290,10 @@ def run(args, model_name: str, which: str, k: int) -> dict:
     output = np.clip(np.load(out)["output"], 0, 1)
     r["test_snr_db"] = snr(d["test_label"], output)
     r["ms_per_step"] = steady_ms(r["step_times_s"])
+    r["cpu_ms_per_step"] = steady_ms(r["step_cpu_s"])
     r["steps"] = sum(len(s) for s in r["step_times_s"])
     r["load"] = os.getloadavg()
-    del r["step_times_s"]
+    del r["step_times_s"], r["step_cpu_s"]
     return r
 
 
@@ -348,12 +355,24 @@ def main(argv=None) -> None:
                 runs.append(r)
     table = []
     for model_name in args.models.split(","):
-        rs = {w: [r for r in runs if r["model"] == model_name and (r["library"] == "eqx_steps") == (w == "eqx")] for w in ("scico", "eqx")}
+        rs = {
+            w: [
+                r
+                for r in runs
+                if r["model"] == model_name
+                and (r["library"] == "eqx_steps") == (w == "eqx")
+            ]
+            for w in ("scico", "eqx")
+        }
         row = {"model": model_name}
         for w, lst in rs.items():
             row[f"{w}_snr_db"] = statistics.median(r["test_snr_db"] for r in lst)
             row[f"{w}_ms_per_step"] = statistics.median(r["ms_per_step"] for r in lst)
+            row[f"{w}_cpu_ms_per_step"] = statistics.median(
+                r["cpu_ms_per_step"] for r in lst
+            )
         row["ratio"] = row["eqx_ms_per_step"] / row["scico_ms_per_step"]
+        row["cpu_ratio"] = row["eqx_cpu_ms_per_step"] / row["scico_cpu_ms_per_step"]
         row["snr_diff_db"] = row["eqx_snr_db"] - row["scico_snr_db"]
         table.append(row)
     result = {"setup": setup, "runs": runs, "table": table, "uptime": _uptime()}
@@ -361,13 +380,18 @@ def main(argv=None) -> None:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
     print(f"\nblurred test images: {blurred:.2f} dB; load {result['uptime']}")
-    print("| model | SNR SCICO | SNR eqx_steps | ms/step SCICO | ms/step eqx_steps | ratio |")
-    print("|---|---:|---:|---:|---:|---:|")
+    print(
+        "| model | SNR SCICO | SNR eqx_steps | ms/step SCICO | ms/step eqx_steps "
+        "| ratio | CPU ms/step SCICO | CPU ms/step eqx_steps | CPU ratio |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in table:
         print(
-            f"| {row['model']} | {row['scico_snr_db']:.2f} dB | {row['eqx_snr_db']:.2f} dB "
-            f"| {row['scico_ms_per_step']:.0f} | {row['eqx_ms_per_step']:.0f} "
-            f"| {row['ratio']:.2f} |"
+            f"| {row['model']} | {row['scico_snr_db']:.2f} dB "
+            f"| {row['eqx_snr_db']:.2f} dB | {row['scico_ms_per_step']:.0f} "
+            f"| {row['eqx_ms_per_step']:.0f} | {row['ratio']:.2f} "
+            f"| {row['scico_cpu_ms_per_step']:.0f} | {row['eqx_cpu_ms_per_step']:.0f} "
+            f"| {row['cpu_ratio']:.2f} |"
         )
 
 

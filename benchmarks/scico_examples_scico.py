@@ -106,7 +106,8 @@ def main() -> None:
 
     order = d["order"]  # (epochs, steps per epoch, batch)
     stages = conf["stages"]  # [(depth, epochs), ...]
-    saved, times, variables, epoch0, losses = {}, [], None, 0, []
+    saved, variables, epoch0, losses = {}, None, 0, []
+    times, cpu_times = [], []
     for depth, epochs in stages:
         model = make(depth)
         state = create_basic_train_state(
@@ -115,20 +116,22 @@ def main() -> None:
         if variables is None:
             saved = _flatten({"params": state.params, "batch_stats": state.batch_stats})
         state = jax_utils.replicate(state)
-        stage_times = []
+        stage_times, stage_cpu = [], []
         for e in range(epoch0, epoch0 + epochs):
             for idx in order[e]:
                 batch = {
                     "image": d["train_image"][idx].reshape(ndev, -1, size, size, 1),
                     "label": d["train_label"][idx].reshape(ndev, -1, size, size, 1),
                 }
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 state, metrics = p_step(state, batch)
                 jax.block_until_ready((state, metrics))
                 stage_times.append(time.perf_counter() - t0)
+                stage_cpu.append(time.process_time() - c0)
             losses.append(float(np.mean(metrics["loss"])))
         epoch0 += epochs
         times.append(stage_times)
+        cpu_times.append(stage_cpu)
         state = jax_utils.unreplicate(state)
         variables = {"params": state.params, "batch_stats": state.batch_stats}
 
@@ -143,6 +146,7 @@ def main() -> None:
                 "model": args.model,
                 "devices": ndev,
                 "step_times_s": times,
+                "step_cpu_s": cpu_times,
                 "epoch_losses": losses,
             }
         )
