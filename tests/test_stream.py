@@ -336,3 +336,65 @@ def test_train_refuses_an_epoch_smaller_than_a_batch(folder, tmp_path, capsys):
         info.value.code == 2 and "--train-size 4 is smaller than --batch-size 8" in err
     )
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_stream_the_folder_as_one_process_does(folder, tmp_path):
+    """Each process reads the same stream of global batches and keeps its rows:
+    2 processes x 2 devices train as 1 process x 4 devices."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    args = [
+        sys.executable, "-m", "eqx_steps", "train", "--data", str(folder),
+        "--depth", "2", "--filters", "4", "--patch", "8", "--train-size", "16",
+        "--test-size", "8", "--batch-size", "8", "--epochs", "2", "--devices", "2",
+        "--backend", "sharded",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    procs = [
+        subprocess.Popen(
+            [
+                *args,
+                "--out",
+                str(tmp_path / "two"),
+                "--coordinator",
+                coordinator,
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=600)[0].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, 9)
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert "streamed by Grain" in outs[0], outs[0]
+    one = [*args[:-4], "--devices", "4", "--backend", "sharded"]
+    single = subprocess.run(
+        [*one, "--out", str(tmp_path / "one")], env=env, capture_output=True, text=True
+    )
+    assert single.returncode == 0, single.stderr
+
+    def last(run: str) -> dict:
+        lines = (tmp_path / run / "metrics.jsonl").read_text().splitlines()
+        return json.loads(lines[-1])
+
+    two, one_ = last("two"), last("one")
+    for name in ("train_loss", "eval_loss", "eval_snr"):
+        np.testing.assert_allclose(two[name], one_[name], rtol=1e-4, err_msg=name)

@@ -12,8 +12,11 @@
     unreadable image is skipped with a note and counted, or stops the run
     (`--on-bad-image`). The stream's position is saved in every checkpoint,
     so a resumed run reads on with the patches the uninterrupted run would have.
-- With `--data FILE` (one image, an .npy/.npz array; or a folder of one image,
-    or any `--data` in a multi-process run): the images are read into memory
+    In a multi-process run every process reads the same stream of global
+    batches and keeps its own rows (memory stays bounded; each process decodes
+    the batch's images).
+- With `--data FILE` (one image, an .npy/.npz array; or a folder of one
+    image): the images are read into memory
     ([`eqx_steps.images.read_images`][]), split into training and test images,
     `--train-size` random patches cut once from the training images.
 
@@ -186,7 +189,7 @@ def _test_set(clean: np.ndarray, noise: float, noise_seq: Any) -> dict:
 
 def _streamed_folder(settings: Mapping[str, Any]) -> Any:
     """The headers of the `--data` folder when it is streamed (a folder of
-    several readable images, in a one-process run), else `None`."""
+    several readable images), else `None`."""
     import os
 
     path = settings["data"]
@@ -201,16 +204,10 @@ def _streamed_folder(settings: Mapping[str, Any]) -> Any:
     with reported("--data: "), warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         headers, skipped = scan_images(path, settings["on_bad_image"])
-    if len(headers) < 2 or jax.process_count() > 1:
+    if len(headers) < 2:
         if skipped:  # read_images would stop at them
             raise UsageError(
-                f"--data: cannot read image {skipped[0][0]!r}; "
-                + (
-                    "a multi-process run reads the folder into memory, which "
-                    "needs every image readable"
-                    if len(headers) > 1
-                    else "leave it out"
-                )
+                f"--data: cannot read image {skipped[0][0]!r}; leave it out"
             )
         return None
     if skipped and jax.process_index() == 0:
