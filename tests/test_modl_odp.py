@@ -268,6 +268,11 @@ def test_operator_output_shape_not_matching_the_data_is_an_error():
 
 
 def test_from_scico_variables_names_the_first_differing_path():
+    made, _ = eqx.nn.make_with_state(models.MoDLNet)(
+        psf_op(), cg_iter=5, key=jax.random.PRNGKey(0), **KW
+    )
+    with pytest.raises(ValueError, match="not the model returned by `eqx.nn.make_wi"):
+        models.from_scico_variables(made, variables("modl"))
     v = variables("modl")
     del v["params"]["lmbda"]
     with pytest.raises(ValueError, match="'params/lmbda' is missing"):

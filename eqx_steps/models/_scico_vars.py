@@ -189,7 +189,10 @@ def from_scico_variables(
 
     **Arguments:**
 
-    - `model`: the Equinox model (e.g. from `eqx.nn.make_with_state(MoDLNet)(...)`).
+    - `model`: the Equinox model, made by calling its class (e.g.
+        `MoDLNet(op, 2, 1, 64, 4, 4, key=key)`): the state is made here, so the
+        model of `eqx.nn.make_with_state`, whose initial state Equinox deletes,
+        is refused.
     - `variables`: SCICO's Flax variables.
 
     **Returns:**
@@ -240,7 +243,15 @@ def from_scico_variables(
         values.append(jnp.asarray(array, leaf.dtype))
     getters = [get for _, get, _ in params_map]
     model = eqx.tree_at(lambda m: [g(m) for g in getters], model, values)
-    state = eqx.nn.State(model)
+    try:
+        state = eqx.nn.State(model)
+    except ValueError as error:  # make_with_state deleted the initial state
+        raise ValueError(
+            "from_scico_variables makes the model state itself: pass the model "
+            f"made by calling its class, e.g. `{type(model).__name__}(..., "
+            "key=key)`, not the model returned by `eqx.nn.make_with_state` (its "
+            "initial state is deleted)."
+        ) from error
     for path, get in norms_map:
         norm: ChannelsLastBatchNorm = get(model)
         assert norm.batch_counter is not None and norm.batch_state_index is not None
