@@ -202,7 +202,7 @@ SETTINGS: tuple[Setting, ...] = (
         "backend",
         str,
         None,
-        "data-parallel backend: pmap (eqx.filter_pmap) or sharded (shard_map "
+        "data-parallel backend: pmap (jax.pmap) or sharded (shard_map "
         "under jit; needed across processes) (default: pmap, or sharded for a "
         "multi-process run)",
         choices=("pmap", "sharded"),
