@@ -107,6 +107,42 @@ class Placement:
         )
         self._one_process = jax.process_count() == 1
 
+    @property
+    def in_shardings(self) -> Any:
+        """The step's `jax.jit` `in_shardings`: the state's arrays as they come
+        (placed by [`Placement.state`][]), the batch split over the devices. With
+        them, jit's C++ dispatch puts a NumPy batch where the step reads it, so a
+        host batch costs no separate placement call. Multi-process runs pass
+        global arrays assembled by [`Placement.batch`][]."""
+        return (None, self.batch_sharding)
+
+    def prepare(self, batch: Any) -> Any:
+        """`batch`, checked ([`Placement.check_batch`][]) and placed
+        ([`Placement.batch`][]), for the step's call.
+
+        The hot path of every call: one pass over the leaves, and a batch of
+        NumPy leaves or of leaves already on the mesh is returned as it is (the
+        step's `in_shardings` place NumPy leaves within the call itself).
+        """
+        if self._one_process:
+            n, lead, sharding = len(self.lead), self.lead, self.batch_sharding
+            leaves = jax.tree_util.tree_leaves(batch)
+            for x in leaves:
+                if type(x) is np.ndarray:
+                    if x.shape[:n] != lead:
+                        break
+                elif not (
+                    isinstance(x, jax.Array)
+                    and x.shape[:n] == lead
+                    and x.sharding == sharding
+                ):
+                    break
+            else:
+                if leaves:
+                    return batch
+        self.check_batch(batch)
+        return self.batch(batch)
+
     def check_batch(self, batch: Any) -> None:
         """Raise a clear error unless every leaf of `batch` (any PyTree of arrays)
         is an array with the leading axes this step expects."""
