@@ -85,6 +85,16 @@ def host_placer(sharding: NamedSharding) -> Callable[[Any], Any]:
     return jax.jit(lambda tree: tree, in_shardings=sharding, out_shardings=sharding)
 
 
+@functools.cache
+def _copy_on(sharding: NamedSharding) -> Callable[[list[Any]], list[jax.Array]]:
+    """A compiled copy of a list of arrays laid out as `sharding` (new buffers)."""
+    return jax.jit(
+        lambda xs: [jnp.copy(x) for x in xs],
+        in_shardings=sharding,
+        out_shardings=sharding,
+    )
+
+
 class Placement:
     """Where one parallel step puts its inputs on `mesh`.
 
@@ -226,11 +236,19 @@ class Placement:
                 jax.make_array_from_process_local_data(sharding, np.asarray(x))
                 for x in leaves
             ]
-        # device_put(may_alias=False) still shares the first device's buffer
-        # (jax 0.10.2); an explicit copy does not.
-        return [
-            x
-            if not copy and isinstance(x, jax.Array) and x.sharding == sharding
-            else jax.device_put(jnp.array(x, copy=True), sharding)
-            for x in leaves
+        if copy:
+            # device_put(may_alias=False) still shares the first device's buffer
+            # (jax 0.10.2); a compiled copy does not. One program for the whole
+            # state (a copy per leaf compiled one program per leaf shape).
+            return _copy_on(sharding)(jax.device_put(list(leaves), sharding))
+        # Without donation the buffers may be shared: one transfer call for the
+        # leaves not yet in place, and no compiled program.
+        todo = [
+            i
+            for i, x in enumerate(leaves)
+            if not (isinstance(x, jax.Array) and x.sharding == sharding)
         ]
+        out = list(leaves)
+        for i, x in zip(todo, jax.device_put([out[i] for i in todo], sharding)):
+            out[i] = x
+        return out

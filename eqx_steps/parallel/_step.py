@@ -93,7 +93,16 @@ class ParallelStep:
         view: Callable[[TrainState], TrainState] | None = None,
     ):
         self._view = view
-        self._per_device = policy.guard(per_device) if returns_state else per_device
+        # "raise" without donation keeps the state passed in for the error, so
+        # the program need not select it (a smaller, quicker compile).
+        self._keep_before = returns_state and policy.keeps_on_host(
+            donate=donate, steps_per_call=steps_per_call
+        )
+        self._per_device = (
+            policy.guard(per_device, select=not self._keep_before)
+            if returns_state
+            else per_device
+        )
         self._returns_state = returns_state
         self._strategy = strategy
         self._donate = donate
@@ -167,7 +176,7 @@ class ParallelStep:
         new_state = static.build(new_arrays)
         self._last_state, self._last = new_state, (new_arrays, static, fn)
         if self._check is not None:
-            self._check(new_state, metrics)
+            self._check(new_state, metrics, state if self._keep_before else None)
         return new_state, metrics
 
     def lower(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
