@@ -132,7 +132,7 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     if not leaves or not all(
         isinstance(x, (np.ndarray, jax.Array, np.generic))
         and x.ndim > 0
-        and x.shape[0] % n == 0
+        and np.shape(x)[0] % n == 0
         for x in leaves
     ):
         _check_leaves(batch, n, what)
