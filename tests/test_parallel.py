@@ -177,9 +177,12 @@ def nan_batch():
     return {"image": batch["image"].at[3, 0].set(jnp.nan), "label": batch["label"]}
 
 
+# donate=False: the state to continue from is the one passed in, kept on the
+# host (the program selects nothing); donate=True: selected on the devices.
+@pytest.mark.parametrize("donate", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_policy_raise_names_the_step_and_keeps_the_state(backend):
-    fn = parallel(backend, donate=True)
+def test_nan_policy_raise_names_the_step_and_keeps_the_state(backend, donate):
+    fn = parallel(backend, donate=donate)
     state, _ = fn(es.TrainState.create(mlp(), ADAM), es.shard(regression_batch(16)))
     kept = jax.tree_util.tree_map(np.asarray, eqx.filter(state, eqx.is_array))
     with pytest.raises(FloatingPointError, match="step 1") as info:
@@ -189,6 +192,7 @@ def test_nan_policy_raise_names_the_step_and_keeps_the_state(backend):
     assert isinstance(after, es.TrainState)
     assert int(after.step) == 2
     assert leaves_equal(after.model, kept.model)
+    assert leaves_equal(after.opt_state, kept.opt_state)
     # Training goes on from the state the error carries.
     newer, _ = fn(after, es.shard(regression_batch(16)))
     assert int(newer.step) == 3

@@ -85,6 +85,16 @@ def host_placer(sharding: NamedSharding) -> Callable[[Any], Any]:
     return jax.jit(lambda tree: tree, in_shardings=sharding, out_shardings=sharding)
 
 
+@functools.cache
+def _copy_on(sharding: NamedSharding) -> Callable[[list[Any]], list[jax.Array]]:
+    """A compiled copy of a list of arrays laid out as `sharding` (new buffers)."""
+    return jax.jit(
+        lambda xs: [jnp.copy(x) for x in xs],
+        in_shardings=sharding,
+        out_shardings=sharding,
+    )
+
+
 class Placement:
     """Where one parallel step puts its inputs on `mesh`.
 
@@ -106,6 +116,42 @@ class Placement:
             mesh, P(*([None] * self.device_axis), DEVICE_AXIS)
         )
         self._one_process = jax.process_count() == 1
+
+    @property
+    def in_shardings(self) -> Any:
+        """The step's `jax.jit` `in_shardings`: the state's arrays as they come
+        (placed by [`Placement.state`][]), the batch split over the devices. With
+        them, jit's C++ dispatch puts a NumPy batch where the step reads it, so a
+        host batch costs no separate placement call. Multi-process runs pass
+        global arrays assembled by [`Placement.batch`][]."""
+        return (None, self.batch_sharding)
+
+    def prepare(self, batch: Any) -> Any:
+        """`batch`, checked ([`Placement.check_batch`][]) and placed
+        ([`Placement.batch`][]), for the step's call.
+
+        The hot path of every call: one pass over the leaves, and a batch of
+        NumPy leaves or of leaves already on the mesh is returned as it is (the
+        step's `in_shardings` place NumPy leaves within the call itself).
+        """
+        if self._one_process:
+            n, lead, sharding = len(self.lead), self.lead, self.batch_sharding
+            leaves = jax.tree_util.tree_leaves(batch)
+            for x in leaves:
+                if type(x) is np.ndarray:
+                    if x.shape[:n] != lead:
+                        break
+                elif not (
+                    isinstance(x, jax.Array)
+                    and x.shape[:n] == lead
+                    and x.sharding == sharding
+                ):
+                    break
+            else:
+                if leaves:
+                    return batch
+        self.check_batch(batch)
+        return self.batch(batch)
 
     def check_batch(self, batch: Any) -> None:
         """Raise a clear error unless every leaf of `batch` (any PyTree of arrays)
@@ -190,11 +236,19 @@ class Placement:
                 jax.make_array_from_process_local_data(sharding, np.asarray(x))
                 for x in leaves
             ]
-        # device_put(may_alias=False) still shares the first device's buffer
-        # (jax 0.10.2); an explicit copy does not.
-        return [
-            x
-            if not copy and isinstance(x, jax.Array) and x.sharding == sharding
-            else jax.device_put(jnp.array(x, copy=True), sharding)
-            for x in leaves
+        if copy:
+            # device_put(may_alias=False) still shares the first device's buffer
+            # (jax 0.10.2); a compiled copy does not. One program for the whole
+            # state (a copy per leaf compiled one program per leaf shape).
+            return _copy_on(sharding)(jax.device_put(list(leaves), sharding))
+        # Without donation the buffers may be shared: one transfer call for the
+        # leaves not yet in place, and no compiled program.
+        todo = [
+            i
+            for i, x in enumerate(leaves)
+            if not (isinstance(x, jax.Array) and x.sharding == sharding)
         ]
+        out = list(leaves)
+        for i, x in zip(todo, jax.device_put([out[i] for i in todo], sharding)):
+            out[i] = x
+        return out

@@ -82,9 +82,13 @@ def _shard_on_mesh(arrays: list[Any], n: int, sharding: NamedSharding) -> list[A
 def _host_view(x: Any) -> Any:
     """`x` as a NumPy array when it is a JAX array on one CPU device (a view of
     its buffer), else `x`."""
-    if not isinstance(x, jax.Array) or x.is_deleted():
+    # A JAX array in this process's CPU memory is read as a NumPy array (no
+    # copy): it then takes the NumPy path, placed within the step's own call,
+    # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
+    # over the devices in one compiled call.
+    if type(x) is np.ndarray or not isinstance(x, jax.Array) or x.is_deleted():
         return x
-    devices = x.devices()
+    devices = x.sharding.device_set
     if len(devices) != 1 or next(iter(devices)).platform != "cpu":
         return x
     return np.asarray(x)
@@ -122,7 +126,33 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     else:
         n, what = len(check_devices("devices", devices)), "devices"
 
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(batch)
+    # The common case first, checked without the leaves' paths (this runs once
+    # per step in a training loop); the paths only to name a fault.
+    leaves, treedef = jax.tree_util.tree_flatten(batch)
+    if not leaves or not all(
+        isinstance(x, (np.ndarray, jax.Array, np.generic))
+        and x.ndim > 0
+        and np.shape(x)[0] % n == 0
+        for x in leaves
+    ):
+        _check_leaves(batch, n, what)
+    xs = [_host_view(x) for x in leaves]
+    out = [_split_leading(x, n) if not isinstance(x, jax.Array) else x for x in xs]
+    on_device = [i for i, x in enumerate(xs) if isinstance(x, jax.Array)]
+    if on_device:
+        placed = None
+        mesh = device_mesh(devices)
+        if jax.process_count() == 1 and not any(xs[i].committed for i in on_device):
+            sharding = NamedSharding(mesh, P(DEVICE_AXIS))
+            placed = _shard_on_mesh([xs[i] for i in on_device], n, sharding)
+        for j, i in enumerate(on_device):
+            out[i] = _split_leading(xs[i], n) if placed is None else placed[j]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _check_leaves(batch: PyTree, n: int, what: str) -> None:
+    """Raise the error that names the first leaf of `batch` `shard` refuses."""
+    leaves = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves:
         raise ValueError(
             f"`batch` holds no array ({batch!r:.60}); pass a PyTree of arrays with a "
@@ -142,23 +172,6 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
                 "axis."
             )
         check_divisible(f"{name}.shape[0]", x.shape[0], n, what)
-
-    # A JAX array in this process's CPU memory is read as a NumPy array (no
-    # copy): it then takes the NumPy path, one transfer by the step's placement,
-    # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
-    # over the devices in one compiled call.
-    xs = [_host_view(x) for _, x in leaves]
-    out = [_split_leading(x, n) if not isinstance(x, jax.Array) else x for x in xs]
-    on_device = [i for i, x in enumerate(xs) if isinstance(x, jax.Array)]
-    if on_device:
-        placed = None
-        mesh = device_mesh(devices)
-        if jax.process_count() == 1 and not any(xs[i].committed for i in on_device):
-            sharding = NamedSharding(mesh, P(DEVICE_AXIS))
-            placed = _shard_on_mesh([xs[i] for i in on_device], n, sharding)
-        for j, i in enumerate(on_device):
-            out[i] = _split_leading(xs[i], n) if placed is None else placed[j]
-    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def sync_model_state(replicated_state: TrainState) -> TrainState:

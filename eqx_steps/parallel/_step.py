@@ -93,13 +93,23 @@ class ParallelStep:
         view: Callable[[TrainState], TrainState] | None = None,
     ):
         self._view = view
-        self._per_device = policy.guard(per_device) if returns_state else per_device
+        # "raise" without donation keeps the state passed in for the error, so
+        # the program need not select it (a smaller, quicker compile).
+        self._keep_before = returns_state and policy.keeps_on_host(
+            donate=donate, steps_per_call=steps_per_call
+        )
+        self._per_device = (
+            policy.guard(per_device, select=not self._keep_before)
+            if returns_state
+            else per_device
+        )
         self._returns_state = returns_state
         self._strategy = strategy
         self._donate = donate
         self._steps_per_call = steps_per_call
         self._unroll: Unroll = unroll
         self._policy = policy
+        self._check = policy.check if policy.policy == "raise" else None
         self._compiler_options = compiler_options
         self._placement = Placement(strategy.mesh, steps_per_call)
         self._cache = CompileCache(self._compile)
@@ -133,6 +143,7 @@ class ParallelStep:
         )
         return jax.jit(
             self._strategy.map(body, self._placement.device_axis, static),
+            in_shardings=self._placement.in_shardings,
             donate_argnums=(0,) if self._donate else (),
             compiler_options=self.compiler_options,
         )
@@ -148,12 +159,14 @@ class ParallelStep:
         return self._strategy.place_state(arrays, static), static, fn
 
     def __call__(self, state: TrainState, batch: Batch) -> Any:
-        self._placement.check_batch(batch)
-        if self._last is not None and state is self._last_state:
+        # The hot path: kept to one pass over the batch's leaves, the compiled
+        # call (which places a NumPy batch itself) and the state's rebuild.
+        batch = self._placement.prepare(batch)
+        if state is self._last_state and self._last is not None:
             arrays, static, fn = self._last
         else:
             arrays, static, fn = self._prepare(state, copy=self._donate)
-        out = fn(arrays, self._placement.batch(batch))
+        out = fn(arrays, batch)
         if not self._returns_state:  # an evaluation loop passes the same state
             self._after_call(out)
             self._last_state, self._last = state, (arrays, static, fn)
@@ -162,7 +175,8 @@ class ParallelStep:
         self._after_call(metrics)  # never the state: the next call may donate it
         new_state = static.build(new_arrays)
         self._last_state, self._last = new_state, (new_arrays, static, fn)
-        self._policy.check(new_state, metrics)
+        if self._check is not None:
+            self._check(new_state, metrics, state if self._keep_before else None)
         return new_state, metrics
 
     def lower(self, state: TrainState, batch: Batch) -> jax.stages.Lowered:
@@ -178,6 +192,6 @@ class ParallelStep:
         `.compile().as_text()` the optimised HLO, `.compile().memory_analysis()`
         XLA's memory figures.
         """
-        self._placement.check_batch(batch)
+        batch = self._placement.prepare(batch)
         arrays, _, fn = self._prepare(state, copy=False)
-        return fn.lower(arrays, self._placement.batch(batch))  # pyright: ignore
+        return fn.lower(arrays, batch)  # pyright: ignore
