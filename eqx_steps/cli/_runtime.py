@@ -4,6 +4,7 @@ cache, host copies."""
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -65,6 +66,11 @@ def _enable_compilation_cache(path: str) -> None:
     with reported(f"--compilation-cache {path}: "):
         os.makedirs(path, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
+    # A cache entry that cannot be written (a full disk) only costs a compile
+    # next time: not worth JAX's multi-line warning beside the command's output.
+    warnings.filterwarnings(
+        "ignore", message="Error writing persistent compilation cache entry"
+    )
     # The default (1 s) would leave out the evaluation steps and the placement
     # programs, which a run compiles too; reading them back is quicker.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
