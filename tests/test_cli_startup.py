@@ -54,20 +54,18 @@ def test_every_public_name_loads():
 
 
 def test_compilation_cache_folder(monkeypatch, tmp_path):
-    from eqx_steps.cli import _runtime
+    from eqx_steps.cli import runs
 
     monkeypatch.delenv("EQX_STEPS_COMPILATION_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert _runtime.compilation_cache_dir(None) == str(tmp_path / "eqx_steps" / "jax")
+    assert runs.compilation_cache_dir(None) == str(tmp_path / "eqx_steps" / "jax")
     monkeypatch.setenv("EQX_STEPS_COMPILATION_CACHE", str(tmp_path / "env"))
-    assert _runtime.compilation_cache_dir(None) == str(tmp_path / "env")
+    assert runs.compilation_cache_dir(None) == str(tmp_path / "env")
     # The option wins over the environment; 'off' turns the cache off.
-    assert _runtime.compilation_cache_dir(str(tmp_path / "opt")) == str(
-        tmp_path / "opt"
-    )
-    assert _runtime.compilation_cache_dir("off") is None
+    assert runs.compilation_cache_dir(str(tmp_path / "opt")) == str(tmp_path / "opt")
+    assert runs.compilation_cache_dir("off") is None
     monkeypatch.setenv("EQX_STEPS_COMPILATION_CACHE", "off")
-    assert _runtime.compilation_cache_dir(None) is None
+    assert runs.compilation_cache_dir(None) is None
 
 
 TINY = [
@@ -103,20 +101,15 @@ def test_train_fills_and_reuses_the_compilation_cache(tmp_path):
 def test_info_reads_the_model_not_the_optimizer_state(tmp_path, capsys, monkeypatch):
     import eqx_steps.apply
     from eqx_steps import cli, parameter_overview
-    from eqx_steps.cli import _models, _run_folder, _settings
-    from eqx_steps.cli.train import trainer_config
+    from eqx_steps.cli import runs
 
     out = str(tmp_path / "run")
     args = [*TINY[:-1], "4", "--depth", "3", "--out", out]  # 4 devices, a block
     assert cli.main(["train", *args]) == 0
     capsys.readouterr()
     # The whole state, restored as `evaluate` restores it, to compare with.
-    config = _run_folder.read_config(out)
-    settings = _models.resolve(
-        {**_settings.DEFAULTS, **_settings.saved_settings(config, "config.json")}
-    )
-    model, model_state = _models.build_model(settings, 1)
-    full = _models.restore(trainer_config(settings, out), model, model_state, out)
+    full = runs.restore_run(out)
+    assert full is not None
 
     def refuse(*args, **kwargs):
         raise AssertionError("info restored the whole state")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from eqx_steps import cli, images
-from eqx_steps.cli import _data, _models, _settings
+from eqx_steps.cli import runs as cli_runs
 from eqx_steps.synthetic import make_foam
 
 
@@ -41,11 +41,7 @@ def _error(capsys, argv: list[str]) -> str:
 
 def _settings_of(*argv: str) -> dict:
     """The resolved settings of `train ARGV`, as the command resolves them."""
-    args = cli.build_parser().parse_args(["train", *argv])
-    given = {
-        k: v for k, v in vars(args).items() if k in _settings.BY_NAME and v is not None
-    }
-    return _models.resolve({**_settings.DEFAULTS, **given})
+    return cli_runs.train_settings(argv)
 
 
 # --- options that do not go together: refused before anything runs ---------------
@@ -99,19 +95,17 @@ def test_the_task_defaults_are_scicos_examples():
 @pytest.mark.parametrize("task", ["deblur", "ct"])
 def test_the_data_are_measurements_of_foam_phantoms(task):
     """`image` is `A x + noise` of the `label` foams, the same on every call."""
-    from eqx_steps.cli import _tasks
-
     s = _settings_of(
         "--task", task, "--model", "modl", *TINY, "--noise", "0.05", "--angles", "8",
         "--test-size", "32",
     )  # fmt: skip
-    data = _data.load_data(s, train=False)
+    data = cli_runs.run_data(s, train=False)
     assert data.train == {}
     x = data.test["label"]
     assert x.shape == (32, 16, 16, 1) and 0 <= x.min() and x.max() <= 1
     np.testing.assert_array_equal(x, make_foam(32, size=16, seed=int(
         np.random.SeedSequence(0).spawn(4)[1].generate_state(1)[0])))  # fmt: skip
-    op = _tasks.make_operator(s, (16, 16))
+    op = cli_runs.run_operator(s, (16, 16))
     ax = np.asarray(jax.jit(jax.vmap(op))(jnp.asarray(x[..., 0])))[..., None]
     assert data.test["image"].shape == ax.shape
     noise = data.test["image"] - ax
@@ -125,7 +119,6 @@ def test_the_data_are_measurements_of_foam_phantoms(task):
 def test_deblur_data_from_your_own_images(tmp_path, channels):
     """`--data PATH`: patches of the images, blurred by the run's operator (each
     channel of a colour image alike), noise drawn once."""
-    from eqx_steps.cli import _tasks
     from eqx_steps.synthetic import make_phantoms
 
     for i, x in enumerate(make_phantoms(5, size=24, channels=channels, seed=1)):
@@ -135,18 +128,18 @@ def test_deblur_data_from_your_own_images(tmp_path, channels):
         "--data", str(tmp_path), "--psf", "gaussian", "--psf-size", "5",
     )  # fmt: skip
     s["data"] = str(tmp_path)
-    data = _data.load_data(s)
+    data = cli_runs.run_data(s)
     assert data.channels == channels and "blurred" in data.description
     x, y = data.train["label"], data.train["image"]
     assert x.shape == y.shape == (32, 16, 16, channels)
-    op = _tasks.make_operator(s, (16, 16) if channels == 1 else (16, 16, channels))
+    op = cli_runs.run_operator(s, (16, 16) if channels == 1 else (16, 16, channels))
     ax = np.asarray(
         jax.jit(jax.vmap(op))(jnp.asarray(x[..., 0] if channels == 1 else x))
     )
     noise = y - (ax[..., None] if channels == 1 else ax)
     assert np.std(noise) == pytest.approx(20 / 255, rel=0.1)
     for c in range(channels):  # one kernel per channel, no mixing
-        single = jax.vmap(_tasks.make_operator(s, (16, 16)))(jnp.asarray(x[..., c]))
+        single = jax.vmap(cli_runs.run_operator(s, (16, 16)))(jnp.asarray(x[..., c]))
         np.testing.assert_allclose(
             (ax[..., None] if channels == 1 else ax)[..., c], single, atol=1e-5
         )

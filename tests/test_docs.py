@@ -20,6 +20,7 @@ import pytest
 
 import eqx_steps as es
 from eqx_steps import cli
+from eqx_steps.cli import runs as cli_runs
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -81,6 +82,9 @@ def _public_names() -> set[str]:
     }
     for mod_name, module in _exported_modules().items():
         names |= {f"eqx_steps.{mod_name}.{n}" for n in _module_members(module)}
+    # The command's face for scripts (the command itself is not imported by
+    # `import eqx_steps`).
+    names |= {f"eqx_steps.cli.runs.{n}" for n in _module_members(cli_runs)}
     return names
 
 

@@ -5,14 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from . import _run_folder as folder
 from ._data import load_data
 from ._errors import UsageError
-from ._models import build_model, resolve, restore
+from ._models import build_model, restore
 from ._report import eval_batch_size, report
 from ._runtime import start_jax
-from ._settings import BY_NAME, DEFAULTS
+from ._settings import BY_NAME
 from ._tasks import describe
+from .runs import run_settings
 from .train import trainer_config
 
 
@@ -39,7 +39,7 @@ def add_parser(commands: Any, formatter: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run `eqx-steps evaluate` with the parsed `args`; the exit status."""
-    settings = resolve({**DEFAULTS, **folder.read_settings(args.run_dir)})
+    settings = run_settings(args.run_dir)
     start_jax(args.devices, None)
     batch_size = eval_batch_size(args.batch_size or settings["batch_size"])
     data = load_data(settings, train=False)
