@@ -14,13 +14,15 @@ from ._blocks import (
 )
 from ._convbn import ConvBNNet as ConvBNNet, ResNet as ResNet
 from ._dncnn import DnCNN as DnCNN
+from ._init import (
+    glorot_normal as glorot_normal,
+    he_normal as he_normal,
+    lecun_normal as lecun_normal,
+)
 from ._inverse import MoDLNet as MoDLNet, ODPBlock as ODPBlock, ODPNet as ODPNet
 from ._layers import (
     ChannelsLastBatchNorm as ChannelsLastBatchNorm,
     ChannelsLastConv2d as ChannelsLastConv2d,
-    glorot_normal as glorot_normal,
-    he_normal as he_normal,
-    lecun_normal as lecun_normal,
     max_pool as max_pool,
     upscale_nn as upscale_nn,
 )

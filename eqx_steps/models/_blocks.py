@@ -10,11 +10,10 @@ import equinox as eqx
 import jax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ._init import Initializer, lecun_normal
 from ._layers import (
     ChannelsLastBatchNorm,
     ChannelsLastConv2d,
-    Initializer,
-    lecun_normal,
     max_pool,
     upscale_nn,
 )

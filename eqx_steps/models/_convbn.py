@@ -8,12 +8,12 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._validate import check_int
 from ._blocks import ConvBNBlock
+from ._init import glorot_normal
 from ._layers import (
     _check_example,
     _pair,
     ChannelsLastBatchNorm,
     ChannelsLastConv2d,
-    glorot_normal,
 )
 
 

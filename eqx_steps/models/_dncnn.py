@@ -8,11 +8,11 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .._validate import check_int
 from ._blocks import ConvBNBlock
+from ._init import he_normal
 from ._layers import (
     _check_example,
     _pair,
     ChannelsLastConv2d,
-    he_normal,
 )
 
 
