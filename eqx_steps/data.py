@@ -268,7 +268,7 @@ def create_input_iter(
                 "floating entries: pass e.g. jnp.float32 or jnp.bfloat16 (or None)."
             )
     if is_grain(dataset):
-        from .pipeline._grain import grain_input_iter  # imports Grain's users only
+        from .pipeline._grain_iter import grain_input_iter  # imports Grain's users only
 
         if start_step:
             raise ValueError(

@@ -249,7 +249,7 @@ class BasicTrainer:
         self.grain: GrainStream | None = None  # a Grain train_ds
         if is_grain(train_ds):
             from .pipeline import GrainStream, PipelineError
-            from .pipeline._grain import renamed
+            from .pipeline._common import renamed
 
             self.grain = GrainStream(
                 renamed(train_ds, lambda b: _as_step_batch("train_ds", b, keys)),
@@ -276,7 +276,7 @@ class BasicTrainer:
             check_dataset("train_ds", train_ds, keys)
             first = train_ds = _as_step_batch("train_ds", train_ds, keys)
         if is_grain(test_ds):
-            from .pipeline._grain import renamed
+            from .pipeline._common import renamed
 
             test_ds = renamed(test_ds, lambda b: _as_step_batch("test_ds", b, keys))
         elif test_ds is not None:

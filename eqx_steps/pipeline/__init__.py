@@ -14,22 +14,25 @@ batches the uninterrupted run would have seen. See the "Data pipelines" page.
 The pieces:
 
 - `_grain`: `GrainStream` (host batches by global step, validated and cut to
-  this process's rows, with the Grain iterator's state after each) and
-  `GrainIter` (items of batches, cast, shaped and placed on the devices); it
-  does not import Grain.
+  this process's rows, with the Grain iterator's state after each); it does
+  not import Grain.
+- `_common`: `PipelineError`, the trainer's renaming of an input, Grain's absl
+  flags.
+- `_grain_iter`: `GrainIter` (items of batches, cast, shaped and placed on the
+  devices).
 - `_images`: the streamed image folders (imports Grain).
 
 The rest of the library imports this package only when a Grain input is read,
 so `import eqx_steps` and the command's start-up do not load Grain.
 """
 
+from ._common import PipelineError as PipelineError
 from ._grain import (
-    GrainIter as GrainIter,
     GrainStream as GrainStream,
     is_grain as is_grain,
-    PipelineError as PipelineError,
     STATE_FORMAT as STATE_FORMAT,
 )
+from ._grain_iter import GrainIter as GrainIter
 from ._images import (
     image_folder_dataset as image_folder_dataset,
     ImageFolderDataset as ImageFolderDataset,

@@ -37,7 +37,7 @@ from ..images import (
     _read_pixels,
     _to_unit_range,
 )
-from ._grain import PipelineError
+from ._common import grain_ready, PipelineError
 
 
 ON_ERROR = ("skip", "raise")
@@ -343,15 +343,6 @@ def _release_open_iterators() -> None:
     gc.collect()
 
 
-def _parse_absl_flags() -> None:
-    """Let Grain read its absl flags (at their defaults) in a program that did not
-    parse them: its worker processes read one when JAX is loaded."""
-    from absl import flags
-
-    if not flags.FLAGS.is_parsed():
-        flags.FLAGS.mark_as_parsed()
-
-
 class ImageFolderDataset(grain.IterDataset):
     """The Grain `IterDataset` that [`eqx_steps.pipeline.image_folder_dataset`][]
     returns: endless batches of patches, fresh every epoch.
@@ -391,7 +382,7 @@ class ImageFolderDataset(grain.IterDataset):
         return self.patches_per_epoch // self.batch_size
 
     def __iter__(self) -> grain.DatasetIterator:
-        _parse_absl_flags()
+        grain_ready()
         return _Iterator(self._parent.__iter__())
 
     def __str__(self) -> str:
