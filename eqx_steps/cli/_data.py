@@ -197,7 +197,7 @@ def _streamed_folder(settings: Mapping[str, Any]) -> Any:
         return None
     import jax
 
-    from ..pipeline._images import scan_images
+    from ..pipeline._headers import scan_images
 
     # Skipped images are noted below on the command's own line, not as a
     # library warning.
@@ -226,7 +226,7 @@ def _from_folder(settings: Mapping[str, Any], folder: Any, train: bool) -> Data:
     """The data of a streamed `--data` folder: the test patches cut now, one
     image at a time; the training patches by a Grain pipeline."""
     from ..pipeline import image_folder_dataset
-    from ..pipeline._images import fixed_patches
+    from ..pipeline._patches import fixed_patches
     from ..synthetic import with_input_noise
 
     headers, skipped = folder

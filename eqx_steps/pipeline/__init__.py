@@ -20,7 +20,8 @@ The pieces:
   flags.
 - `_grain_iter`: `GrainIter` (items of batches, cast, shaped and placed on the
   devices).
-- `_images`: the streamed image folders (imports Grain).
+- `_images`: the streamed image folders (imports Grain), from `_headers` (the
+  images' sizes, read without decoding) and `_patches` (cutting, turning).
 
 The rest of the library imports this package only when a Grain input is read,
 so `import eqx_steps` and the command's start-up do not load Grain.

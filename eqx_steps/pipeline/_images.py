@@ -16,182 +16,30 @@ same batches, whatever the number of workers.
 from __future__ import annotations
 
 import atexit
-import dataclasses
 import os
-import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, Literal
 
 import grain
 import numpy as np
-from jaxtyping import Float
 
 from .._validate import check_int, check_number
 from ..images import (
-    _AS_GRAY,
-    _AS_RGB,
-    _check_float_range,
-    _folder_files,
     _patch_plan,
-    _read_pixels,
-    _to_unit_range,
 )
 from ._common import grain_ready, PipelineError
+from ._headers import (
+    channels_of,
+    check_sizes,
+    ImageHeader,
+    scan_images,
+)
+from ._patches import augment_patches, cut_patches
 
-
-ON_ERROR = ("skip", "raise")
-"""What to do with an image that cannot be read: skip it (with one warning,
-counted in `skipped`) or raise a `ValueError` naming it."""
 
 # Independent random streams of one seed.
 _PLAN, _ORDER, _AUGMENT, _NOISE = range(4)
-
-
-@dataclasses.dataclass(frozen=True)
-class ImageHeader:
-    """What an image file's header says: enough to plan its patches."""
-
-    path: str
-    height: int
-    width: int
-    channels: int  # as read_image returns it: 1 or 3
-
-
-def _header(path: str) -> ImageHeader:
-    """The header of `path`; `ValueError` naming it when it is not an image
-    `read_image` reads (e.g. 4 channels that are not RGBA)."""
-    from PIL import Image as PILImage, UnidentifiedImageError
-
-    try:
-        with PILImage.open(path) as im:
-            mode, (width, height) = im.mode, im.size
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"cannot read image {path!r}: {e}") from None
-    read_as = "RGB" if mode in _AS_RGB else "L" if mode in _AS_GRAY else mode
-    bands = PILImage.getmodebands(read_as)
-    if bands not in (1, 3):
-        raise ValueError(
-            f"cannot read image {path!r}: mode {mode} ({bands} channels) is not a "
-            "grayscale or colour image"
-        )
-    return ImageHeader(path, height, width, bands)
-
-
-def _skip_warning(skipped: list[tuple[str, str]]) -> None:
-    more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
-    warnings.warn(
-        f"skipped {len(skipped)} unreadable image(s): {skipped[0][1]}{more}; pass "
-        "on_error='raise' to stop at the first one instead",
-        stacklevel=3,
-    )
-
-
-def scan_images(
-    source: str | os.PathLike | Sequence[str | os.PathLike],
-    on_error: Literal["skip", "raise"] = "skip",
-) -> tuple[list[ImageHeader], list[tuple[str, str]]]:
-    """The headers of a folder's image files (or of the given files), in name
-    order, and the files skipped as unreadable with the reason.
-
-    **Raises:**
-
-    `FileNotFoundError` for a missing folder; `ValueError` for a folder without
-    image files, for no readable image, or (with `on_error="raise"`) naming the
-    first unreadable file.
-    """
-    if on_error not in ON_ERROR:
-        raise ValueError(
-            f"`on_error` must be one of {ON_ERROR}, got {on_error!r}: 'skip' skips "
-            "an unreadable image with a warning, 'raise' stops at it."
-        )
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if not os.path.isdir(path):
-            raise FileNotFoundError(
-                f"{path!r} is not a folder; give a folder of image files "
-                "(PNG/JPEG/TIFF), or a list of image files."
-            )
-        files = _folder_files(path)
-    else:
-        files = [os.fspath(f) for f in source]
-        if not files:
-            raise ValueError("the list of image files is empty; give at least one.")
-    headers, skipped = [], []
-    for f in files:
-        try:
-            headers.append(_header(f))
-        except (ValueError, OSError) as e:
-            if on_error == "raise":
-                raise ValueError(
-                    f"{e} (pass on_error='skip' to leave such images out)"
-                ) from None
-            skipped.append((f, str(e)))
-    if not headers:
-        raise ValueError(
-            f"none of the {len(files)} image files can be read; the first: "
-            f"{skipped[0][1]}"
-        )
-    if skipped:
-        _skip_warning(skipped)
-    return headers, skipped
-
-
-def _check_sizes(headers: Sequence[ImageHeader], patch_size: int) -> None:
-    for h in headers:
-        if min(h.height, h.width) < patch_size:
-            raise ValueError(
-                f"image {h.path!r} is {h.height}x{h.width} pixels, smaller than "
-                f"`patch_size` {patch_size}; use a patch size of at most "
-                f"{min(h.height, h.width)}, or leave the image out."
-            )
-
-
-def _cut(
-    header: ImageHeader,
-    channels: int,
-    ys: np.ndarray,
-    xs: np.ndarray,
-    size: int,
-    on_error: str,
-) -> np.ndarray:
-    """Decode one image and cut the patches with corners `(ys, xs)`: float32
-    `(n, size, size, channels)` in [0, 1] (no patches when it cannot be read
-    and `on_error` is "skip")."""
-    name = repr(header.path)
-    try:
-        pixels = _read_pixels(header.path)
-        if pixels.shape[:2] != (header.height, header.width):
-            raise ValueError(
-                f"cannot read image {header.path!r}: its pixels are "
-                f"{pixels.shape[0]}x{pixels.shape[1]}, its header said "
-                f"{header.height}x{header.width}"
-            )
-        if pixels.ndim == 2:
-            pixels = pixels[..., None]
-        _check_float_range(pixels, name)
-        out = np.empty((len(ys), size, size, channels), np.float32)
-        for k, (y, x) in enumerate(zip(ys, xs)):
-            out[k] = _to_unit_range(pixels[y : y + size, x : x + size], name)
-    except (ValueError, OSError) as e:
-        if on_error == "raise":
-            raise ValueError(
-                f"{e} (pass on_error='skip' to leave such images out)"
-            ) from None
-        warnings.warn(f"skipped an unreadable image: {e}", stacklevel=2)
-        return np.zeros((0, size, size, channels), np.float32)
-    return out
-
-
-def _augment(patches: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Each patch turned by a random element of the square's symmetry group: a
-    rotation by 0, 90, 180 or 270 degrees, then a horizontal flip or not."""
-    turns = rng.integers(4, size=len(patches))
-    flips = rng.integers(2, size=len(patches))
-    for k in range(len(patches)):
-        p = np.rot90(patches[k], int(turns[k]), axes=(0, 1))
-        patches[k] = p[:, ::-1] if flips[k] else p
-    return patches
 
 
 class _EpochPatches:
@@ -244,7 +92,7 @@ class _EpochPatches:
         lo, hi = bounds[j], bounds[j + 1]
         if lo == hi:
             return np.zeros((0, self.size, self.size, self.channels), np.float32)
-        patches = _cut(
+        patches = cut_patches(
             self.headers[j],
             self.channels,
             ys[lo:hi],
@@ -254,7 +102,7 @@ class _EpochPatches:
         )
         if self.augment and len(patches):
             rng = np.random.default_rng([self.seed, _AUGMENT, epoch, j])
-            patches = _augment(patches, rng)
+            patches = augment_patches(patches, rng)
         return patches
 
     def __getstate__(self) -> dict[str, Any]:  # workers start without plans
@@ -499,8 +347,8 @@ def image_folder_dataset(
     if not isinstance(augment, bool):
         raise TypeError(f"`augment` must be True or False, got {augment!r}.")
     headers, skipped = scan_images(folder, on_error)
-    _check_sizes(headers, patch_size)
-    channels = _channels(headers, channels)
+    check_sizes(headers, patch_size)
+    channels = channels_of(headers, channels)
     patches = _EpochPatches(
         headers, channels, patches_per_epoch, patch_size, seed, augment, on_error
     )
@@ -536,39 +384,3 @@ def image_folder_dataset(
         patches_per_epoch=patches_per_epoch,
         batch_size=batch_size,
     )
-
-
-def _channels(headers: Sequence[ImageHeader], channels: int | None) -> int:
-    least = max(h.channels for h in headers)
-    if channels is None:
-        return least
-    if channels not in (1, 3) or channels < least:
-        raise ValueError(
-            f"`channels` must be 1 or 3, and 3 when an image is in colour, got "
-            f"{channels!r}; leave it out to follow the images."
-        )
-    return channels
-
-
-def fixed_patches(
-    headers: Sequence[ImageHeader],
-    n: int,
-    *,
-    size: int,
-    seed: int | np.random.SeedSequence,
-    channels: int | None = None,
-) -> Float[np.ndarray, "n size size C"]:
-    """The patches `random_patches(read_images(...), n, size=size, seed=seed)`
-    gives, decoding one image at a time (a test set of a large folder).
-
-    An unreadable image raises a `ValueError` naming it.
-    """
-    _check_sizes(headers, size)
-    which, ys, xs = _patch_plan([(h.height, h.width) for h in headers], n, size, seed)
-    channels = _channels(headers, channels)
-    out = np.empty((n, size, size, channels), np.float32)
-    for j, h in enumerate(headers):
-        (slots,) = np.nonzero(which == j)
-        if len(slots):
-            out[slots] = _cut(h, channels, ys[slots], xs[slots], size, "raise")
-    return out
