@@ -25,6 +25,12 @@ if TYPE_CHECKING:
         synthetic as synthetic,
     )
     from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
+    from ._forward import (
+        per_example as per_example,
+        per_example_args as per_example_args,
+        per_example_kwargs as per_example_kwargs,
+        whole_batch as whole_batch,
+    )
     from ._history import History as History, parameter_overview as parameter_overview
     from ._hooks import StepInfo as StepInfo
     from ._tensorboard import (
@@ -89,11 +95,7 @@ if TYPE_CHECKING:
         BATCH_AXIS as BATCH_AXIS,
         create_basic_train_state as create_basic_train_state,
         DEVICE_AXIS as DEVICE_AXIS,
-        per_example as per_example,
-        per_example_args as per_example_args,
-        per_example_kwargs as per_example_kwargs,
         TrainState as TrainState,
-        whole_batch as whole_batch,
     )
     from .steps import (
         BatchStatisticsWarning as BatchStatisticsWarning,

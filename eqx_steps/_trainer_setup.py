@@ -13,9 +13,10 @@ import optax
 from jaxtyping import PyTree
 
 from ._config import TrainConfig
+from ._forward import per_example
 from .checkpoint import checkpoint_restore, prepare_workdir
 from .parallel import parallel_train_step
-from .state import per_example, TrainState
+from .state import TrainState
 
 
 def initial_state(

@@ -19,10 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import ArrayLike, Float, PyTree
 
+from ._forward import per_example
 from ._validate import check_int, check_number
 from .models import DnCNN
 from .platform import default_backend_jit
-from .state import per_example
 
 
 _DEFAULT_OVERLAP = 32

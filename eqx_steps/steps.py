@@ -21,18 +21,17 @@ import optax
 from jaxtyping import Array, PRNGKeyArray, PyTree, Scalar
 
 from ._axis_check import check_axis_names
-from ._model_checks import check_model_state, ModelStateError
-from ._validate import is_integer_image
-from .schedules import as_schedule
-from .state import (
-    BATCH_AXIS,
+from ._forward import (
     check_inputs_layout,
     per_example,
     per_example_args,
     per_example_kwargs,
-    TrainState,
     whole_batch,
 )
+from ._model_checks import check_model_state, ModelStateError
+from ._validate import is_integer_image
+from .schedules import as_schedule
+from .state import BATCH_AXIS, TrainState
 
 
 AxisName = Hashable | Sequence[Hashable] | None

@@ -25,6 +25,7 @@ import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
 from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
+from ._forward import per_example, whole_batch
 from ._history import (
     format_record,
     History as History,
@@ -53,7 +54,7 @@ from .data import BatchStream, create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
 from .schedules import as_schedule
-from .state import per_example, TrainState, whole_batch
+from .state import TrainState
 from .steps import eval_step, train_step
 
 

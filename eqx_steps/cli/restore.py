@@ -249,7 +249,7 @@ def _apply(model: Any, model_state: Any, y: np.ndarray) -> np.ndarray:
     """The model on one measurement, in inference mode."""
     import jax.numpy as jnp
 
-    from ..state import per_example
+    from .._forward import per_example
 
     with reported():
         out, _ = per_example(model, model_state, jnp.asarray(y)[None], inference=True)
