@@ -9,8 +9,9 @@ call) in a fresh process per case, for
     (`nan_policy="raise"`, `backend` as given) on every local device;
 - `plain`: the loop a user writes without the library: one `eqx.filter_jit`
     function of the model, the model state and the optimizer state (loss,
-    `eqx.filter_value_and_grad`, optax's Adam, the new batch-norm statistics)
-    on the whole batch, on the default device.
+    `eqx.filter_value_and_grad`, optax's Adam, the new batch-norm statistics,
+    and the metrics the library's step reports: loss and SNR) on the whole
+    batch, on the default device.
 
 Models (global batch, Adam): `tiny` (MLP 16-32-32-4, batch 32), `dncnn` (depth
 6, 32 filters, 64x64x1, batch 16), `unet` (SCICO's UNet, depth 2, 16 filters,
@@ -92,15 +93,19 @@ def _plain_step(tx):
                 out, new_state = jax.vmap(
                     model, axis_name="batch", in_axes=(0, None), out_axes=(0, None)
                 )(batch["image"], model_state)
-            return jnp.mean((out - batch["label"]) ** 2), new_state
+            return jnp.mean((out - batch["label"]) ** 2), (out, new_state)
 
-        (loss, new_state), grads = eqx.filter_value_and_grad(loss_fn, has_aux=True)(
-            model
-        )
+        (loss, (out, new_state)), grads = eqx.filter_value_and_grad(
+            loss_fn, has_aux=True
+        )(model)
         updates, opt_state = tx.update(
             grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
         )
-        return eqx.apply_updates(model, updates), new_state, opt_state, loss
+        # The metrics a training loop logs, as the library's step reports them.
+        y = batch["label"]
+        snr = 10 * jnp.log10(jnp.var(y) / jnp.mean((y - out) ** 2))
+        metrics = {"loss": loss, "snr": snr}
+        return eqx.apply_updates(model, updates), new_state, opt_state, metrics
 
     return step
 
@@ -125,7 +130,7 @@ def run(model: str, impl: str, backend: str, quick: bool) -> dict:
         step = _plain_step(tx)
         t0, c0 = time.perf_counter(), time.process_time()
         out = step(net, net_state, opt_state, batch)
-        float(out[-1])
+        float(out[-1]["loss"])
         result["first_step_s"] = time.perf_counter() - t0
         result["cpu_s"] = time.process_time() - c0
         return result

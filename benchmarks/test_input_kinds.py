@@ -1,5 +1,5 @@
 """The tiny-MLP step fed JAX arrays, NumPy arrays and pre-sharded arrays, beside
-the plain jitted step (issue 19: JAX-array batches placed with one compiled call,
+plain jitted steps (issue 19: JAX-array batches placed with one compiled call,
 as NumPy batches are; target: JAX arrays within 1.2x of the plain step).
 
 Each library case is one call `step(state, es.shard(batch))` per step, the batch
@@ -10,25 +10,37 @@ being the same global batch `(32, 16)` each time, held as:
 - `presharded`: the result of `es.shard` computed once, already on the devices
     (the step keeps it as it is): the cost of the step alone.
 
-The baseline is the hand-written single-device `jax.jit` step of
-`workloads.py` (the same math) fed a batch already on its device, timed in
-rounds interleaved with each case's (`extra_info["partner_times"]`), so both see
-the same load; the ratios (medians) come from those pairs, and each kind's
-median is also compared with the pre-sharded one (the placement's own cost).
+Two plain steps (the same math, one device, the whole global batch) are timed in
+rounds interleaved with each case's, so that all see the same load:
+
+- `raw-jit` (`extra_info["partner_times"]`): `jax.jit` on a flat tuple of the
+    parameters' and Adam's arrays, fed a batch already on its device: the floor,
+    with no PyTree to rebuild after a call;
+- `equinox-jit` (`extra_info["equinox_times"]`): what a plain Equinox loop
+    writes, `jax.jit` on the model's arrays (`eqx.partition`) and optax's
+    state, fed the same JAX arrays, returning the updated model and optimizer
+    state (which JAX rebuilds after every call, as the library rebuilds its
+    `TrainState`).
+
+The ratios (medians) come from those pairs, and each kind's median is also
+compared with the pre-sharded one (the placement's own cost).
 `EQX_STEPS_BENCH_DEVICES=1` compares like with like (one device each); on
 several CPU devices sharing few cores, the library's step runs every device's
-share, which the single-device baseline does not:
+share, which the single-device baselines do not:
 
-    pytest benchmarks/test_input_kinds.py --benchmark-only
+    EQX_STEPS_BENCH_DEVICES=1 pytest benchmarks/test_input_kinds.py --benchmark-only -s
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import workloads as w
 
@@ -78,7 +90,7 @@ def _plain(quick: bool):
     step = w.raw_step(net, "train", "jit", donate=True, steps_per_call=1, unroll=True)
     dev = jax.devices()[0]
     batch = jax.device_put(_global_batch(sizes), dev)
-    throttle = w.Throttle()
+    throttle = w.Throttle(1)
 
     def run(n):
         a = holder[0]
@@ -87,6 +99,43 @@ def _plain(quick: bool):
             throttle(m)
         holder[0] = a
         jax.block_until_ready((a, m))
+
+    return run
+
+
+def _equinox(quick: bool):
+    """A plain Equinox loop's jitted step: `jax.jit` on the model's arrays and
+    optax's state, the rest of the model closed over, the batch as JAX arrays."""
+    sizes = (w.QUICK_SIZES if quick else w.SIZES)["tiny"]
+    model, _ = w.library_model("tiny", sizes)
+    params, static = eqx.partition(model, eqx.is_array)
+    opt_state = w.TX.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        y = batch["label"]
+
+        def loss_fn(params):
+            out = jax.vmap(eqx.combine(params, static))(batch["image"])
+            return jnp.mean(0.5 * (out - y) ** 2), out
+
+        (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        updates, opt_state = w.TX.update(grads, opt_state, params)
+        snr = 10.0 * jnp.log10(jnp.var(y) / jnp.mean(jnp.abs(y - out) ** 2))
+        metrics = {"loss": loss, "snr": snr}
+        return optax.apply_updates(params, updates), opt_state, metrics
+
+    batch = jax.tree_util.tree_map(jnp.asarray, _global_batch(sizes))
+    holder = [(params, opt_state)]
+    throttle = w.Throttle(1)
+
+    def run(n):
+        p, o = holder[0]
+        for _ in range(n):
+            p, o, metrics = step(p, o, batch)
+            throttle(metrics)
+        holder[0] = (p, o)
+        jax.block_until_ready((p, o))
 
     return run
 
@@ -103,21 +152,26 @@ def test_input_kind(benchmark, kind: str, quick: bool):
         steps_per_round=calls,
         load_avg=os.getloadavg()[0],
         partner="raw-jit (single device, batch on the device)",
+        partner2="equinox-jit (single device, JAX-array batch)",
     )
     setup = None
     if not quick:
         import time
 
-        plain = _plain(quick)
+        plain, equinox = _plain(quick), _equinox(quick)
         plain(1)
+        equinox(1)
         times: list[float] = []
+        eqx_times: list[float] = []
 
         def setup():
-            t0 = time.perf_counter()
-            plain(calls)
-            times.append(time.perf_counter() - t0)
+            for fn, into in ((plain, times), (equinox, eqx_times)):
+                t0 = time.perf_counter()
+                fn(calls)
+                into.append(time.perf_counter() - t0)
 
         benchmark.extra_info["partner_times"] = times
+        benchmark.extra_info["equinox_times"] = eqx_times
     benchmark.pedantic(
         run, args=(calls,), setup=setup, rounds=rounds, warmup_rounds=warmup
     )
@@ -125,11 +179,14 @@ def test_input_kind(benchmark, kind: str, quick: bool):
         mine = sorted(benchmark.stats.stats.data)
         base = sorted(benchmark.extra_info["partner_times"][warmup:])
         ratio = float(np.median(mine) / np.median(base))
+        eqx_base = sorted(benchmark.extra_info["equinox_times"][warmup:])
+        eqx_ratio = float(np.median(mine) / np.median(eqx_base))
         benchmark.extra_info["ratio_to_plain_jit"] = ratio
+        benchmark.extra_info["ratio_to_equinox_jit"] = eqx_ratio
         _MEDIANS[kind] = float(np.median(mine))
         print(
-            f"\n{kind}: {ratio:.2f}x the plain jitted step "
-            f"(load {os.getloadavg()[0]:.1f})"
+            f"\n{kind}: {ratio:.2f}x the raw jitted step, {eqx_ratio:.2f}x the "
+            f"plain Equinox jitted step (load {os.getloadavg()[0]:.1f})"
         )
         if kind == KINDS[-1] and set(_MEDIANS) == set(KINDS):
             for other in KINDS[:-1]:

@@ -189,7 +189,7 @@ def _setup(case: Case, quick: bool):
     )
     if case.backend == "jit":
         b = w.single_device_batch(b)
-    throttle = w.Throttle()
+    throttle = w.Throttle(1 if case.backend == "jit" else None)
     if case.kind == "eval":
 
         def run(n):

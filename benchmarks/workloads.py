@@ -479,15 +479,22 @@ class Throttle:
     """Keep at most `MAX_IN_FLIGHT` calls queued, as the library does.
 
     XLA:CPU's in-process collectives deadlock when dozens of multi-device calls
-    are queued; the library blocks on the oldest result beyond 8 in flight, and
-    the baselines do exactly the same so the comparison stays fair.
+    are queued; the library blocks on the oldest result beyond 8 in flight on
+    CPU when a step spans more than one device (one array of the call's
+    outputs stands for the call), and the baselines do exactly the same so the
+    comparison stays fair: `devices` is the baseline's own device count (1 for
+    the single-device `jit` baselines, which then queue freely).
     """
 
-    def __init__(self, n: int = MAX_IN_FLIGHT):
+    def __init__(self, devices: int | None = None, n: int = MAX_IN_FLIGHT):
+        devices = jax.device_count() if devices is None else devices
+        self.on = devices > 1 and jax.default_backend() == "cpu"
         self.n = n
         self.queue: collections.deque = collections.deque()
 
     def __call__(self, out):
-        self.queue.append(out)
+        if not self.on:
+            return
+        self.queue.append(jax.tree_util.tree_leaves(out)[0])
         while len(self.queue) > self.n:
-            jax.block_until_ready(self.queue.popleft())
+            self.queue.popleft().block_until_ready()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import equinox as eqx
 import jax
@@ -79,17 +79,24 @@ def _shard_on_mesh(arrays: list[Any], n: int, sharding: NamedSharding) -> list[A
     return [jax.lax.with_sharding_constraint(y, sharding) for y in out]
 
 
-def _host_view(x: Any) -> Any:
+_ONE_CPU: dict[Any, bool] = {}  # per sharding: one CPU device?
+
+
+def _host_view(x: jax.Array) -> Any:
     """`x` as a NumPy array when it is a JAX array on one CPU device (a view of
     its buffer), else `x`."""
     # A JAX array in this process's CPU memory is read as a NumPy array (no
     # copy): it then takes the NumPy path, placed within the step's own call,
     # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
-    # over the devices in one compiled call.
-    if type(x) is np.ndarray or not isinstance(x, jax.Array) or x.is_deleted():
-        return x
-    devices = x.sharding.device_set
-    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+    # over the devices in one compiled call. This runs once per leaf and step:
+    # the answer is kept per sharding (a process holds only a few).
+    sharding = x.sharding
+    one_cpu = _ONE_CPU.get(sharding)
+    if one_cpu is None:
+        devices = sharding.device_set
+        one_cpu = len(devices) == 1 and next(iter(devices)).platform == "cpu"
+        _ONE_CPU[sharding] = one_cpu
+    if not one_cpu or x.is_deleted():
         return x
     return np.asarray(x)
 
@@ -126,31 +133,41 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     else:
         n, what = len(check_devices("devices", devices)), "devices"
 
-    # The common case first, checked without the leaves' paths (this runs once
-    # per step in a training loop); the paths only to name a fault.
+    # One pass over the leaves (this runs once per step in a training loop):
+    # host leaves reshaped, JAX leaves on one CPU device read as host leaves,
+    # the others kept for one compiled call below. Any fault goes to
+    # `_check_leaves`, which names the leaf by its path.
     leaves, treedef = jax.tree_util.tree_flatten(batch)
-    if not leaves or not all(
-        isinstance(x, (np.ndarray, jax.Array, np.generic))
-        and x.ndim > 0
-        and np.shape(x)[0] % n == 0
-        for x in leaves
-    ):
+    if not leaves:
         _check_leaves(batch, n, what)
-    xs = [_host_view(x) for x in leaves]
-    out = [_split_leading(x, n) if not isinstance(x, jax.Array) else x for x in xs]
-    on_device = [i for i, x in enumerate(xs) if isinstance(x, jax.Array)]
+    out: list[Any] = []
+    on_device: list[int] = []  # JAX leaves off the host: one compiled call below
+    for x in leaves:
+        if type(x) is not np.ndarray:
+            if isinstance(x, jax.Array):
+                x = _host_view(x)
+            elif not isinstance(x, (np.ndarray, np.generic)):
+                _check_leaves(batch, n, what)
+        shape: tuple[int, ...] = x.shape
+        if not shape or shape[0] % n:
+            _check_leaves(batch, n, what)
+        if isinstance(x, jax.Array):
+            on_device.append(len(out))
+            out.append(x)
+        else:
+            out.append(x.reshape(n, shape[0] // n, *shape[1:]))
     if on_device:
         placed = None
         mesh = device_mesh(devices)
-        if jax.process_count() == 1 and not any(xs[i].committed for i in on_device):
+        if jax.process_count() == 1 and not any(out[i].committed for i in on_device):
             sharding = NamedSharding(mesh, P(DEVICE_AXIS))
-            placed = _shard_on_mesh([xs[i] for i in on_device], n, sharding)
+            placed = _shard_on_mesh([out[i] for i in on_device], n, sharding)
         for j, i in enumerate(on_device):
-            out[i] = _split_leading(xs[i], n) if placed is None else placed[j]
+            out[i] = _split_leading(out[i], n) if placed is None else placed[j]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _check_leaves(batch: PyTree, n: int, what: str) -> None:
+def _check_leaves(batch: PyTree, n: int, what: str) -> NoReturn:
     """Raise the error that names the first leaf of `batch` `shard` refuses."""
     leaves = jax.tree_util.tree_leaves_with_path(batch)
     if not leaves:
@@ -172,6 +189,7 @@ def _check_leaves(batch: PyTree, n: int, what: str) -> None:
                 "axis."
             )
         check_divisible(f"{name}.shape[0]", x.shape[0], n, what)
+    raise AssertionError("`_check_leaves` is called for a batch it refuses")
 
 
 def sync_model_state(replicated_state: TrainState) -> TrainState:

@@ -113,7 +113,10 @@ class ParallelStep:
         self._compiler_options = compiler_options
         self._placement = Placement(strategy.mesh, steps_per_call)
         self._cache = CompileCache(self._compile)
-        self._after_call = throttle_for(strategy.devices[0].platform)
+        self._after_call = throttle_for(
+            strategy.devices[0].platform,
+            strategy.mesh.devices.size * jax.process_count(),
+        )
         # The state returned (or evaluated) last, with its arrays, static part and
         # compiled function: the hot path of a training or evaluation loop.
         self._last_state: Any = None
