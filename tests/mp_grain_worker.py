@@ -1,22 +1,24 @@
 """One process of a multi-process training job on a Grain input, for
 tests/test_pipeline_distributed.py.
 
-    python tests/mp_grain_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID OUTDIR \
-        MODE NUM_STEPS LOCAL_DEVICES
+    python tests/mp_grain_worker.py COORDINATOR NUM_PROCESSES PROCESS_ID MODE \
+        LOCAL_DEVICES OUTDIR:NUM_STEPS [OUTDIR:NUM_STEPS ...]
 
 MODE `global`: every process reads the same MapDataset of global batches (the
 trainer keeps each process's rows). MODE `process`: a DataLoader sharded by
-process (`ShardByJaxProcess`) yields each process's share. Trains a tiny MLP to
-NUM_STEPS with checkpoints every 2 steps in OUTDIR/ckpt (resuming from there),
-and writes the final model's arrays to OUTDIR/state-PROCESS_ID.npz.
+process (`ShardByJaxProcess`) yields each process's share. For each
+OUTDIR:NUM_STEPS in turn (one launch of the job serves several runs), trains a
+tiny MLP to NUM_STEPS with checkpoints every 2 steps in OUTDIR/ckpt (resuming
+from there), and writes the final model's arrays to OUTDIR/state-PROCESS_ID.npz.
 """
 
 import os
 import sys
 
 
-coordinator, num_processes, process_id, outdir, mode = sys.argv[1:6]
-num_steps, local_devices = int(sys.argv[6]), int(sys.argv[7])
+coordinator, num_processes, process_id, mode = sys.argv[1:5]
+local_devices = int(sys.argv[5])
+jobs = [(d, int(n)) for d, n in (a.rsplit(":", 1) for a in sys.argv[6:])]
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from eqx_steps import distributed  # noqa: E402
@@ -37,12 +39,13 @@ import numpy as np  # noqa: E402
 from mp_common import grain_input, grain_train  # noqa: E402
 
 
-state = grain_train(os.path.join(outdir, "ckpt"), grain_input(mode), num_steps)
-arrays = eqx.filter(state.model, eqx.is_array)
-leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(arrays)]
-np.savez(os.path.join(outdir, f"state-{process_id}.npz"), *leaves)
-print(
-    f"process {jax.process_index()}/{jax.process_count()}: "
-    f"{jax.device_count()} devices, step {int(state.step)}",
-    flush=True,
-)
+for outdir, num_steps in jobs:
+    state = grain_train(os.path.join(outdir, "ckpt"), grain_input(mode), num_steps)
+    arrays = eqx.filter(state.model, eqx.is_array)
+    leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(arrays)]
+    np.savez(os.path.join(outdir, f"state-{process_id}.npz"), *leaves)
+    print(
+        f"process {jax.process_index()}/{jax.process_count()}: "
+        f"{jax.device_count()} devices, step {int(state.step)}",
+        flush=True,
+    )

@@ -23,7 +23,9 @@ import eqx_steps as es
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _launch(outdir, mode, num_steps, processes=2, local_devices=2):
+def _launch(jobs, mode, processes=2, local_devices=2):
+    """One launch of a `processes`-process job that runs `jobs`, a list of
+    `(outdir, num_steps)`, in turn: per job, every process's final arrays."""
     coordinator = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["PYTHONPATH"] = HERE + os.pathsep + env.get("PYTHONPATH", "")
@@ -35,10 +37,9 @@ def _launch(outdir, mode, num_steps, processes=2, local_devices=2):
                 coordinator,
                 str(processes),
                 str(i),
-                str(outdir),
                 mode,
-                str(num_steps),
                 str(local_devices),
+                *(f"{outdir}:{steps}" for outdir, steps in jobs),
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -51,8 +52,13 @@ def _launch(outdir, mode, num_steps, processes=2, local_devices=2):
     outputs = finish(procs, limit_s=240)
     for p, out in zip(procs, outputs):
         assert p.returncode == 0, out
-    states = [np.load(os.path.join(outdir, f"state-{i}.npz")) for i in range(processes)]
-    return [[s[k] for k in s.files] for s in states]
+    results = []
+    for outdir, _ in jobs:
+        states = [
+            np.load(os.path.join(outdir, f"state-{i}.npz")) for i in range(processes)
+        ]
+        results.append([[s[k] for k in s.files] for s in states])
+    return results
 
 
 def _equal(a, b):
@@ -68,10 +74,9 @@ def runs(tmp_path_factory):
     out = {}
     for mode in ("global", "process"):
         root = tmp_path_factory.mktemp(mode)
-        whole = _launch(root / "whole", mode, 8)
-        _launch(root / "split", mode, 4)
+        whole, _ = _launch([(root / "whole", 8), (root / "split", 4)], mode)
         shutil.copytree(root / "split" / "ckpt", root / "at4")
-        resumed = _launch(root / "split", mode, 8)
+        (resumed,) = _launch([(root / "split", 8)], mode)  # a fresh job resumes
         out[mode] = whole, resumed, root / "at4"
     return out
 
@@ -95,7 +100,7 @@ def test_global_batches_resume_on_another_device_count(runs, tmp_path):
     order of the floating-point sums over devices."""
     whole, _, at4 = runs["global"]
     shutil.copytree(at4, tmp_path / "two" / "ckpt")
-    (two,) = _launch(tmp_path / "two", "global", 8, processes=1, local_devices=2)
+    ((two,),) = _launch([(tmp_path / "two", 8)], "global", 1, local_devices=2)
     assert max_rel_diff(whole[0], two) < 1e-6
     shutil.copytree(at4, tmp_path / "four")
     state = grain_train(tmp_path / "four", grain_input("global"), 8)
