@@ -36,9 +36,15 @@ def gaussian_psf(size: int = 5, sigma: float = 1.0) -> np.ndarray:
     return (g / g.sum()).astype(np.float32)
 
 
+@eqx.filter_jit
+def apply_each(fn, images):
+    """`fn` (an operator or its adjoint) on every image of a batch, compiled."""
+    return jax.vmap(fn)(images)
+
+
 def measure(op, images: np.ndarray, noise: float, seed: int) -> dict:
     """`{"image": A x + noise, "label": x}` for channels-last images `x`."""
-    y = np.asarray(jax.vmap(op)(jnp.asarray(images[..., 0])))[..., None]
+    y = np.asarray(apply_each(op, images[..., 0]))[..., None]
     rng = np.random.default_rng(seed)
     y = y + noise * np.abs(y).max() * rng.standard_normal(y.shape)
     return {"image": y.astype(np.float32), "label": images}
@@ -92,7 +98,8 @@ def train(model, model_state, weight: str, data: dict, steps: int, batch_size: i
 
 def restore(state, data: dict) -> tuple[np.ndarray, float]:
     """The restored test images (inference mode) and their mean SNR."""
-    out, _ = es.per_example(
+    # Compiled once (run op by op, the CG loops would dispatch every operation).
+    out, _ = eqx.filter_jit(es.per_example)(
         state.model, state.model_state, jnp.asarray(data["image"]), inference=True
     )
     snr = jax.vmap(es.snr)(jnp.asarray(data["label"]), out)
@@ -154,9 +161,7 @@ def main(
     ct = train(model, model_state, "lmbda", train_ds, steps, batch_size)
     # --8<-- [end:ct]
     ct_out, results["ct_modl"] = restore(ct, test_ds)
-    back = np.asarray(jax.vmap(op.adj)(jnp.asarray(test_ds["image"][..., 0])))[
-        ..., None
-    ]
+    back = np.asarray(apply_each(op.adj, test_ds["image"][..., 0]))[..., None]
     back = back * float(np.sum(back * test_ds["label"]) / np.sum(back * back))
     results["ct_backprojection"] = float(
         jnp.mean(jax.vmap(es.snr)(test_ds["label"], back))
