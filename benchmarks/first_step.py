@@ -83,6 +83,8 @@ def _plain_step(tx):
     import jax
     import jax.numpy as jnp
 
+    import eqx_steps as es
+
     @eqx.filter_jit
     def step(model, model_state, opt_state, batch):
         def loss_fn(model):
@@ -102,9 +104,7 @@ def _plain_step(tx):
             grads, opt_state, eqx.filter(model, eqx.is_inexact_array)
         )
         # The metrics a training loop logs, as the library's step reports them.
-        y = batch["label"]
-        snr = 10 * jnp.log10(jnp.var(y) / jnp.mean((y - out) ** 2))
-        metrics = {"loss": loss, "snr": snr}
+        metrics = {"loss": loss, "snr": es.snr(batch["label"], out)}
         return eqx.apply_updates(model, updates), new_state, opt_state, metrics
 
     return step

@@ -121,8 +121,7 @@ def _equinox(quick: bool):
 
         (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         updates, opt_state = w.TX.update(grads, opt_state, params)
-        snr = 10.0 * jnp.log10(jnp.var(y) / jnp.mean(jnp.abs(y - out) ** 2))
-        metrics = {"loss": loss, "snr": snr}
+        metrics = {"loss": loss, "snr": es.snr(y, out)}
         return optax.apply_updates(params, updates), opt_state, metrics
 
     batch = jax.tree_util.tree_map(jnp.asarray, _global_batch(sizes))
