@@ -19,13 +19,14 @@ from ._init import (
     he_normal as he_normal,
     lecun_normal as lecun_normal,
 )
-from ._inverse import MoDLNet as MoDLNet, ODPBlock as ODPBlock, ODPNet as ODPNet
 from ._layers import (
     ChannelsLastBatchNorm as ChannelsLastBatchNorm,
     ChannelsLastConv2d as ChannelsLastConv2d,
     max_pool as max_pool,
     upscale_nn as upscale_nn,
 )
+from ._modl import MoDLNet as MoDLNet
+from ._odp import ODPBlock as ODPBlock, ODPNet as ODPNet
 from ._scico import (
     load_scico_dncnn as load_scico_dncnn,
     SCICO_DNCNN_VARIANTS as SCICO_DNCNN_VARIANTS,

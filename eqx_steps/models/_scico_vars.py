@@ -18,8 +18,9 @@ import numpy as np
 from ._blocks import ConvBNMultiBlock
 from ._convbn import ConvBNNet
 from ._dncnn import DnCNN
-from ._inverse import MoDLNet, ODPNet
 from ._layers import ChannelsLastBatchNorm
+from ._modl import MoDLNet
+from ._odp import ODPNet
 from ._scico import _WARM_COUNT
 from ._unet import UNet
 
