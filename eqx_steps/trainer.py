@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
+from ._batch_stream import BatchStream
 from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
 from ._forward import per_example, whole_batch
 from ._history import (
@@ -50,7 +51,7 @@ from ._validate import (
     is_integer_image,
 )
 from .checkpoint import checkpoint_save, latest_step, load_data_state
-from .data import BatchStream, create_input_iter
+from .data import create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
 from .schedules import as_schedule
