@@ -15,9 +15,6 @@ from eqx_steps.platform import configure_xla_flags
 # the faster XLA:CPU convolution setting (see docs/performance.md).
 configure_xla_flags(4)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The command's compilation cache stays off in the tests' subprocesses (nothing
-# written under the user's ~/.cache); tests/test_cli_startup.py turns it on.
-os.environ.setdefault("EQX_STEPS_COMPILATION_CACHE", "off")
 # JAX's own persistent compilation cache, in a folder of this test session only
 # (removed at exit), shared by the tests and their subprocesses: the commands
 # that the tests run in fresh processes compile the same tiny programs again and
@@ -29,6 +26,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     atexit.register(shutil.rmtree, _cache, ignore_errors=True)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+# The command's own compilation cache, in the tests' subprocesses: that same
+# folder (nothing written under the user's ~/.cache; `off` would turn JAX's off
+# too). tests/test_cli_startup.py gives it folders of its own.
+os.environ.setdefault(
+    "EQX_STEPS_COMPILATION_CACHE", os.environ["JAX_COMPILATION_CACHE_DIR"]
+)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

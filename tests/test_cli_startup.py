@@ -93,9 +93,12 @@ def test_train_fills_and_reuses_the_compilation_cache(tmp_path):
         [sys.executable, "-m", "eqx_steps", "train", *TINY,
          "--out", str(tmp_path / "c"), "--compilation-cache", "off"],
         capture_output=True, text=True, timeout=600,
-        env={**os.environ, "EQX_STEPS_COMPILATION_CACHE": str(tmp_path / "unused")},
+        env={**os.environ, "EQX_STEPS_COMPILATION_CACHE": str(tmp_path / "unused"),
+             "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax")},
     )  # fmt: skip
-    assert off.returncode == 0 and not (tmp_path / "unused").exists()
+    # Off is off: neither the command's folder nor the one JAX's variable names.
+    assert off.returncode == 0, off.stderr[-3000:]
+    assert not (tmp_path / "unused").exists() and not (tmp_path / "jax").exists()
 
 
 def test_info_reads_the_model_not_the_optimizer_state(tmp_path, capsys, monkeypatch):

@@ -52,7 +52,8 @@ def build_parser(prog: str = "eqx-steps") -> argparse.ArgumentParser:
             "--compilation-cache",
             metavar="DIR",
             help="folder of JAX's persistent compilation cache, so that a second "
-            "run of the same model starts sooner, or 'off' (default: "
+            "run of the same model starts sooner, or 'off' (none at all, not "
+            "even $JAX_COMPILATION_CACHE_DIR's) (default: "
             f"${_runtime.ENV_COMPILATION_CACHE}, else "
             "$XDG_CACHE_HOME/eqx_steps/jax or ~/.cache/eqx_steps/jax)",
         )

@@ -40,7 +40,8 @@ def compilation_cache_dir(option: str | None) -> str | None:
 
     - `option`: the `--compilation-cache` value (`None` when not given); else
         `EQX_STEPS_COMPILATION_CACHE`; else [`default_cache_dir`][]. `off` (or
-        `none`, `0`, `false`, empty) turns the cache off.
+        `none`, `0`, `false`, empty) turns the cache off, JAX's own included
+        (the command then ignores `JAX_COMPILATION_CACHE_DIR`).
 
     **Returns:**
 
@@ -128,6 +129,8 @@ def start_jax(devices: int | None, distributed: dict[str, Any] | None) -> None:
     cache = compilation_cache_dir(cache_option)
     if cache is not None:
         _enable_compilation_cache(cache)
+    else:  # off means off, even with JAX_COMPILATION_CACHE_DIR in the environment
+        jax.config.update("jax_enable_compilation_cache", False)
     if distributed is not None:
         from ..distributed import initialize
 
