@@ -61,7 +61,8 @@ cache_option: str | None = None
 
 def _enable_compilation_cache(path: str) -> None:
     """JAX's persistent compilation cache in `path`, for every program the command
-    compiles (XLA:CPU too), however quick to compile."""
+    compiles (XLA:CPU too), however quick to compile (unless
+    `JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS` sets a minimum)."""
     import jax
 
     with reported(f"--compilation-cache {path}: "):
@@ -73,8 +74,10 @@ def _enable_compilation_cache(path: str) -> None:
         "ignore", message="Error writing persistent compilation cache entry"
     )
     # The default (1 s) would leave out the evaluation steps and the placement
-    # programs, which a run compiles too; reading them back is quicker.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    # programs, which a run compiles too; reading them back is quicker. A
+    # minimum the environment sets is the user's choice and stays.
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def distributed_args(settings: Mapping[str, Any]) -> dict[str, Any] | None:
