@@ -33,6 +33,12 @@ class TrainingInterrupted(KeyboardInterrupt):
     A subclass of `KeyboardInterrupt`, so an `except Exception` does not swallow
     it and an uncaught one ends the program as Ctrl-C does.
 
+    After a second signal (`step` is `None`) the threads of a checkpoint save
+    may still be writing: end the process with `os._exit(e.exit_status)`, as
+    `eqx-steps train` does, not `sys.exit`, whose interpreter shutdown can abort
+    on those threads (`FATAL: exception not rethrown`, status -6). The previous
+    checkpoint is intact either way.
+
     **Attributes:**
 
     - `signal`: the `signal.Signals` that stopped the run.

@@ -44,6 +44,9 @@ try:
     state, _ = t.train()
 except es.TrainingInterrupted as e:
     print(f"interrupted {e.signal.name} step {e.step} checkpoint {e.checkpoint}")
+    if e.step is None:  # a second signal: a save's threads may still run
+        sys.stdout.flush()
+        os._exit(e.exit_status)
     sys.exit(e.exit_status)
 np.savez(os.path.join(workdir, f"final-{pid}.npz"), *host_leaves(state.model))
 print(f"done step {host_leaves(state.step)[0]}", flush=True)
