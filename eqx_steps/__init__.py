@@ -24,6 +24,7 @@ if TYPE_CHECKING:
         platform as platform,
         synthetic as synthetic,
     )
+    from ._collectives import BatchStatisticsWarning as BatchStatisticsWarning
     from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
     from ._forward import (
         per_example as per_example,
@@ -98,7 +99,6 @@ if TYPE_CHECKING:
         TrainState as TrainState,
     )
     from .steps import (
-        BatchStatisticsWarning as BatchStatisticsWarning,
         eval_step as eval_step,
         train_step as train_step,
         train_step_post as train_step_post,

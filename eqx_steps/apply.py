@@ -26,14 +26,13 @@ from jaxtyping import PyTree
 from ._forward import per_example
 from ._iterate_data import host_leaf
 from ._model_checks import check_model_state
+from ._step_checks import _apply_forward, _check_inputs
 from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
 from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
 from .parallel import parallel_eval_step
 from .state import DEVICE_AXIS, TrainState
 from .steps import (
-    _apply_forward,
-    _check_inputs,
     AxisName,
     Batch,
     Criterion,

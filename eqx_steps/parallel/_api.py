@@ -8,12 +8,11 @@ from typing import Any, Literal
 import jax
 import optax
 
+from .._step_checks import _check_callables, _check_post_lst
 from .._validate import check_bool, check_choice, check_int
 from ..schedules import as_schedule
 from ..state import DEVICE_AXIS, TrainState
 from ..steps import (
-    _check_callables,
-    _check_post_lst,
     Batch,
     Criterion,
     eval_step,
