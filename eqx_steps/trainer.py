@@ -11,12 +11,9 @@ checkpoints are hooks (`_hooks.py`), and users add their own with
 
 from __future__ import annotations
 
-import contextlib
 import os
-import typing
-import warnings
-from collections.abc import Callable, Iterable, Mapping, Sized
-from typing import Any, TYPE_CHECKING
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -24,129 +21,37 @@ import numpy as np
 import optax
 from jaxtyping import PRNGKeyArray, PyTree
 
-from ._batch_stream import BatchStream
 from ._config import ConfigDict as ConfigDict, TrainConfig as TrainConfig
 from ._forward import per_example, whole_batch
 from ._history import (
-    format_record,
     History as History,
     parameter_overview as parameter_overview,
 )
 from ._hooks import (
     Hook,
-    metrics_file,
-    progress,
-    progress_bar,
-    Recorder,
     StepInfo as StepInfo,
 )
 from ._preempt import StopRequests, TrainingInterrupted as TrainingInterrupted
-from ._trainer_setup import call_size, initial_state, train_fns
+from ._trainer_input import as_step_batch, TrainInput
+from ._trainer_loop import METRICS_FILE as METRICS_FILE, run
+from ._trainer_setup import (
+    check_model,
+    initial_state,
+    train_fns,
+    warn_unscaled_images,
+    warn_unused_entries,
+)
 from ._validate import (
     check_dataset,
     check_divisible,
     check_int,
-    DATA_KEYS,
     is_grain,
-    is_integer_image,
 )
-from .checkpoint import checkpoint_save, latest_step, load_data_state
 from .data import create_input_iter
 from .evaluate import evaluate_dataset
 from .parallel import parallel_eval_step
 from .schedules import as_schedule
 from .state import TrainState
-from .steps import eval_step, train_step
-
-
-if TYPE_CHECKING:
-    from .pipeline import GrainStream
-
-
-METRICS_FILE = "metrics.jsonl"
-"""The file in `workdir` that the trainer appends a record to at each log point
-(when `config["log"]`); it has no other writer."""
-
-
-def _is_iterable(x: Any) -> bool:
-    return isinstance(x, Iterable) and not isinstance(x, (str, bytes, np.ndarray))
-
-
-def check_model(model: Any) -> None:
-    """Refuse a model with no floating-point array to train (e.g. a plain
-    function)."""
-    if not jax.tree_util.tree_leaves(eqx.filter(model, eqx.is_inexact_array)):
-        raise TypeError(
-            f"`model` ({getattr(model, '__name__', type(model).__name__)}) holds no "
-            "trainable array (no floating-point array leaf): nothing to train. "
-            "Pass an Equinox module with parameters, e.g. "
-            "`eqx.nn.MLP(..., key=jax.random.key(0))`, not a plain function."
-        )
-
-
-def _as_step_batch(name: str, data: Any, keys: tuple[str, str]) -> dict[str, Any]:
-    """`data` with its input and target under the names the steps read, `"image"`
-    and `"label"` (other entries kept)."""
-    check_dataset(name, data, keys)
-    if keys == DATA_KEYS:
-        return dict(data)
-    for k in DATA_KEYS:
-        if k in data and k not in keys:
-            raise ValueError(
-                f"`{name}` has an entry {k!r} beside the input {keys[0]!r} and the "
-                f"target {keys[1]!r}; the steps read the input as {DATA_KEYS[0]!r} "
-                f"and the target as {DATA_KEYS[1]!r}: rename that entry."
-            )
-    rest = {k: v for k, v in data.items() if k not in keys}
-    return {"image": data[keys[0]], "label": data[keys[1]], **rest}
-
-
-def _warn_unscaled_images(images: Any, is_image: bool) -> None:
-    """Warn when the input images' range is clearly not [0, 1] (SCICO's cast of
-    integer images keeps their values: 0..255 stays 0..255)."""
-    if isinstance(images, (tuple, list, Mapping)) or not hasattr(images, "dtype"):
-        return
-    floating = np.issubdtype(np.dtype(images.dtype), np.floating)
-    if not (floating or (is_image and is_integer_image(images))):
-        return
-    if np.ndim(images) < 3:  # vectors, not images
-        return
-    sample = np.asarray(images[:256])
-    if sample.size == 0:
-        return
-    low, high = float(sample.min()), float(sample.max())
-    if high > _IMAGE_RANGE_LIMIT or low < -_IMAGE_RANGE_LIMIT:
-        warnings.warn(
-            f"the input images range over [{low:g}, {high:g}] (dtype "
-            f"{images.dtype}), clearly not [0, 1]: they are cast to floating point "
-            "with their values kept (as SCICO does), so losses, learning rates and "
-            "noise levels act on that scale. Scale them first if that is not "
-            "meant, e.g. `images.astype(np.float32) / 255`.",
-            stacklevel=3,
-        )
-
-
-_IMAGE_RANGE_LIMIT = 10.0
-"""Input images with a value beyond +-this are clearly not in [0, 1]."""
-
-
-def _warn_unused_entries(cfg: TrainConfig, train: Any, test: Any) -> None:
-    stock = cfg.train_step_fn is train_step and cfg.eval_step_fn is eval_step
-    if not stock:
-        return
-    for name, data in (("train_ds", train), ("test_ds", test)):
-        if data is None:
-            continue
-        extra = sorted(k for k in data if k not in DATA_KEYS)
-        if extra:
-            warnings.warn(
-                f"`{name}` has entries {extra} that the stock steps do not read "
-                f"(they read the input {cfg.input_key!r} and the target "
-                f"{cfg.target_key!r}): they are copied to the devices with every "
-                "batch and unused. Drop them, or read them in a custom "
-                "`train_step_fn`/`eval_step_fn` (each batch holds them).",
-                stacklevel=3,
-            )
 
 
 class BasicTrainer:
@@ -247,45 +152,20 @@ class BasicTrainer:
         self.config = cfg = TrainConfig.from_dict(config)
         keys = (cfg.input_key, cfg.target_key)
         check_model(model)
-        self.stream: BatchStream | None = None
-        self.grain: GrainStream | None = None  # a Grain train_ds
-        if is_grain(train_ds):
-            from .pipeline import GrainStream, PipelineError
-            from .pipeline._common import renamed
-
-            self.grain = GrainStream(
-                renamed(train_ds, lambda b: _as_step_batch("train_ds", b, keys)),
-                cfg.batch_size,
-                train=True,
-                name="train_ds",
-            )
-            # Set at the checkpoint's state before the first read: a loader's
-            # workers start once, at the resumed position.
-            self._input_step = self._resume_input(cfg)
-            try:
-                first = self.grain.peek()
-            except PipelineError as e:
-                raise self._input_failed(e, self._input_step) from e
-        elif not isinstance(train_ds, Mapping) and _is_iterable(train_ds):
-            self.stream = BatchStream(
-                train_ds,
-                dtype=None,  # set below, once the model's dtype is known
-                image_key=None,
-                rename=lambda batch: _as_step_batch("train_ds", batch, keys),
-            )
-            first = self.stream.first
-        else:
-            check_dataset("train_ds", train_ds, keys)
-            first = train_ds = _as_step_batch("train_ds", train_ds, keys)
+        self.input = TrainInput(train_ds, cfg)
+        first = self.input.first
+        if self.input.data is not None:
+            train_ds = self.input.data
         if is_grain(test_ds):
             from .pipeline._common import renamed
 
-            test_ds = renamed(test_ds, lambda b: _as_step_batch("test_ds", b, keys))
+            test_ds = renamed(test_ds, lambda b: as_step_batch("test_ds", b, keys))
         elif test_ds is not None:
             check_dataset("test_ds", test_ds, keys)
-            test_ds = _as_step_batch("test_ds", test_ds, keys)
+            test_ds = as_step_batch("test_ds", test_ds, keys)
         n = jax.device_count()
-        default = self.grain.batch_size if self.grain is not None else None
+        grain = self.input.grain
+        default = grain.batch_size if grain is not None else None
         self.batch_size = check_divisible(
             "config['batch_size']", cfg.batch_size or default or 2 * n, n, "devices"
         )
@@ -306,8 +186,8 @@ class BasicTrainer:
         # SCICO's cast of integer images applies where the input is an image by
         # the default convention: one array, handed to the model as it is.
         self.image_key = "image" if forward in (per_example, whole_batch) else None
-        _warn_unscaled_images(first["image"], self.image_key is not None)
-        _warn_unused_entries(cfg, first, None if is_grain(test_ds) else test_ds)
+        warn_unscaled_images(first["image"], self.image_key is not None)
+        warn_unused_entries(cfg, first, None if is_grain(test_ds) else test_ds)
         self.eval_dt_iter = (
             None
             if test_ds is None
@@ -321,28 +201,9 @@ class BasicTrainer:
                 image_key=self.image_key,
             )
         )
-        if self.stream is not None:
-            self.stream.dtype, self.stream.image_key = self.dtype, self.image_key
-            size = len(train_ds) if isinstance(train_ds, Sized) else None
-            if size is None and cfg.num_steps is None:
-                raise ValueError(
-                    "`train_ds` is an iterable of batches without a length, so the "
-                    "run has no epochs to count: set config['num_steps'] (the "
-                    "number of training steps)."
-                )
-            self.steps_per_epoch = size or cfg.num_steps or 1
-        elif self.grain is not None:
-            size = self.grain.steps_per_epoch
-            if size is None and cfg.num_steps is None:
-                raise ValueError(
-                    f"`train_ds` is a Grain {self.grain.kind} without a length, so "
-                    "the run has no epochs to count: set config['num_steps'] (the "
-                    "number of training steps)."
-                )
-            self.steps_per_epoch = size or cfg.num_steps or 1
-        else:
-            self.train_dt_iter = self._train_iter(0, 1)
-            self.steps_per_epoch = int(self.train_dt_iter.steps_per_epoch)
+        self.steps_per_epoch = self.input.configure(
+            self.data_key, self.batch_size, self.dtype, self.image_key
+        )
         self.num_steps = cfg.num_steps or self.steps_per_epoch * cfg.num_epochs
         self.steps_per_eval = cfg.steps_per_eval
         self.log_every_steps = cfg.log_every_steps or self.steps_per_epoch * 20
@@ -370,15 +231,7 @@ class BasicTrainer:
             trainable=trainable,
             forward=forward,
         )
-        if self.stream is not None:
-            self.stream.step = int(self.state.step)
-            self.train_dt_iter = self.stream.view(1)
-        elif self.grain is not None:
-            if int(self.state.step) != self._input_step:  # e.g. restored by fallback
-                self._restore_input(int(self.state.step))
-            self.train_dt_iter = self._train_iter(int(self.state.step), 1)
-        elif int(self.state.step):
-            self.train_dt_iter = self._train_iter(int(self.state.step), 1)
+        self.train_dt_iter = self.input.start(int(self.state.step))
         # With a ready optimizer, the recorded learning rate is the one its state
         # holds (`optax.inject_hyperparams`), and none otherwise: never the
         # config's schedule, which that optimizer does not follow.
@@ -408,44 +261,6 @@ class BasicTrainer:
         [`eqx_steps.parallel_eval_step`][])."""
         return self.eval_fn
 
-    def _resume_input(self, cfg: TrainConfig) -> int:
-        """Set the Grain input at the state of the latest checkpoint, if it holds
-        one; the step it is set at (0: none). `initial_state` then restores the
-        train state; should it restore another step (`fallback`), the input is
-        set again, at that step."""
-        assert self.grain is not None
-        if not cfg.checkpointing:
-            return 0
-        workdir = os.path.abspath(cfg.workdir)
-        step = latest_step(workdir)
-        if not step:
-            return 0
-        try:
-            saved = load_data_state(workdir, step=step)
-        except (OSError, ValueError):  # a damaged step: initial_state says how
-            return 0
-        if saved is None:
-            return 0
-        self.grain.restore(step, saved)
-        return step
-
-    def _restore_input(self, step: int) -> None:
-        """Continue the Grain input from the state saved with checkpoint `step`;
-        from its start (with a warning) when that checkpoint holds none."""
-        assert self.grain is not None
-        saved = None
-        if step and self.config.checkpointing:
-            saved = load_data_state(self.workdir, step=step)
-        self.grain.restore(step, saved)
-        if saved is None and step:
-            warnings.warn(
-                f"the checkpoint of step {step} holds no input-pipeline state (it "
-                "was written by a run on a dict of arrays, or by an older version): "
-                "`train_ds` is read from its start, so the resumed run does not see "
-                "the batches the uninterrupted run would have.",
-                stacklevel=3,
-            )
-
     def input_state(self, step: int) -> dict[str, Any] | None:
         """The input's state saved with the checkpoint of `step`: for a Grain
         `train_ds`, its iterator's state from which the batch of `step` follows
@@ -455,33 +270,7 @@ class BasicTrainer:
         batches, every process must call it at the same step (it gathers their
         states).
         """
-        return None if self.grain is None else self.grain.checkpoint_state(step)
-
-    def _train_iter(self, step: int, steps_per_call: int) -> Any:
-        if self.stream is not None:  # a user's iterable: read on, never rewound
-            return self.stream.view(steps_per_call)
-        if self.grain is not None:  # one stream, read forwards, held by step
-            from .pipeline import GrainIter
-
-            return GrainIter(
-                self.grain,
-                start_step=step,
-                steps_per_call=steps_per_call,
-                dtype=self.dtype,
-                image_key=self.image_key,
-            )
-        return create_input_iter(
-            self.data_key,
-            typing.cast(Mapping[str, Any], self.train_ds),
-            self.batch_size,
-            train=True,
-            dtype=self.dtype,
-            steps_per_call=steps_per_call,
-            start_step=step,
-            name="train_ds",
-            shuffle=self.config.shuffle,
-            image_key=self.image_key,
-        )
+        return self.input.checkpoint_state(step)
 
     def log(self, text: str) -> None:
         """Print `text` when `config.log` is set (process 0 only)."""
@@ -547,38 +336,6 @@ class BasicTrainer:
 
         return add if fn is None else add(fn)
 
-    def _builtin_hooks(self, start: int, stack: contextlib.ExitStack) -> list[Hook]:
-        cfg = self.config
-        recorder = Recorder(self.history, self.evaluate)
-        hooks = [Hook(recorder.collect, 1), Hook(recorder.record, self.log_every_steps)]
-        if cfg.checkpointing:
-            hooks.append(Hook(self._save, self.steps_per_checkpoint))
-        if cfg.log and self.is_main:
-            path = os.path.join(self.workdir, METRICS_FILE)
-            hooks.append(
-                Hook(metrics_file(path, start, self.history), self.log_every_steps)
-            )
-            bar = stack.enter_context(progress_bar(start, self.num_steps))
-            hooks.append(Hook(progress(bar, self.history), 1))
-        return hooks
-
-    def _save(self, info: StepInfo) -> None:
-        checkpoint_save(
-            info.state,
-            self.config.to_dict(),
-            self.workdir,
-            data_state=self.input_state(info.step),
-        )
-
-    def _stop(self, info: StepInfo, signum: int) -> TrainingInterrupted:
-        """Save `info`'s state (with checkpointing) and say so, after a signal."""
-        self.state = info.state
-        if self.config.checkpointing:
-            self._save(info)
-        return TrainingInterrupted(
-            signum, info.step, info.state, self.config.checkpointing
-        )
-
     def train(self) -> tuple[Any, History]:
         """Run the training loop.
 
@@ -612,71 +369,4 @@ class BasicTrainer:
         and the `History`.
         """
         with StopRequests(jax.process_count() > 1) as stop:
-            return self._train(stop)
-
-    def _train(self, stop: StopRequests) -> tuple[Any, History]:
-        state = self.state
-        step = int(state.step)
-        self.log("Network Structure:")
-        self.log(parameter_overview(state.model))
-        if state.model_state is not None:
-            self.log("Batch Normalization:")
-            self.log(parameter_overview(state.model_state))
-        if step >= self.num_steps:
-            self.log(f"Nothing to do: the state is at step {step} of {self.num_steps}.")
-            return self._result(state)
-        cfg = self.config
-        periods = [self.log_every_steps]  # calls end exactly at these points
-        if cfg.checkpointing:
-            periods.append(self.steps_per_checkpoint)
-        iters = {1: self.train_dt_iter}
-        with contextlib.ExitStack() as stack:
-            hooks = self._builtin_hooks(step, stack) + self._hooks
-            while step < self.num_steps:
-                k = call_size(step, cfg.steps_per_call, self.num_steps, periods)
-                if k not in iters or iters[k].step != step:
-                    iters[k] = self._train_iter(step, k)
-                try:
-                    batch = next(iters[k])
-                except Exception as e:
-                    if self.grain is None or not self.grain.failed(e):
-                        raise
-                    raise self._input_failed(e, step) from e
-                state, metrics = self._train_fns[k](state, batch)
-                before, step = step, step + k
-                info = StepInfo(step, step // self.steps_per_epoch, state, metrics, k)
-                for hook in hooks:
-                    if hook.due(before, step, last=step == self.num_steps):
-                        hook.fn(info)
-                signum = stop.agreed()
-                if signum is not None:
-                    raise self._stop(info, signum)
-        self.state = state
-        if self.history.records:
-            self.log("Done: " + format_record(self.history.records[-1]))
-        return self._result(state)
-
-    def _input_failed(self, error: Exception, step: int) -> Exception:
-        """`error` with where the run stopped and what was saved."""
-        if self.grain is not None:
-            self.grain.close()
-        if not self.config.checkpointing:
-            saved = "nothing was saved (checkpointing is off)."
-        else:
-            workdir = os.path.abspath(self.config.workdir)
-            last = latest_step(workdir)
-            saved = (
-                f"the last checkpoint, step {last} in {workdir!r}, is intact: fix "
-                "the input and run again to resume from it, with the batches the "
-                "uninterrupted run would have seen."
-                if last is not None
-                else f"no checkpoint was saved yet in {workdir!r}."
-            )
-        from .pipeline import PipelineError
-
-        return PipelineError(f"{error} The run stopped at step {step}; {saved}", step)
-
-    def _result(self, state: TrainState) -> tuple[Any, History]:
-        if self.config.return_state:
-            return state, self.history
-        return (state.model, state.model_state), self.history
+            return run(self, stop)
