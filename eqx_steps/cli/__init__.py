@@ -30,8 +30,9 @@ One module per concern: `_settings` (the settings table, config files), `_main`
 (the parser and the entry point), `_run_folder` (the one writer of `config.json`
 and the pictures), `_data`, `_models`, `_report` (the final table), `_runtime`
 (devices, multi-process start-up), `_tasks` (the deblur and ct tasks: operator,
-data, network) and one module per command (`train`, `evaluate`, `info`,
-`restore`, `denoise`), each with `add_parser` and `run`. The public module
+network), `_task_data` (their measurements) and one module per command
+(`train`, `evaluate`, `info`, `restore`, `denoise`), each with `add_parser` and
+`run`. The public module
 `eqx_steps.cli.runs` gives the pieces the commands build (settings, data,
 operator, restored state) to scripts and tests.
 """

@@ -81,7 +81,7 @@ def load_data(settings: Mapping[str, Any], *, train: bool = True) -> Data:
     than the patch.
     """
     if settings.get("task", "denoise") != "denoise":  # deblur, ct: measurements
-        from ._tasks import load_task_data
+        from ._task_data import load_task_data
 
         return load_task_data(settings, train)
     if settings.get("data") is None:

@@ -218,7 +218,7 @@ def report(
     """The model on the test set: the printed table ([`summary`][]), the outputs
     and the per-patch SNRs (noisy input, or the task's measurement as an image;
     output)."""
-    from ._tasks import reference
+    from ._task_data import reference
 
     output = denoise(model, model_state, test_ds, batch_size, backend)
     # The measurement as an image (deblur: the blurred one; ct: A^T y, scaled).

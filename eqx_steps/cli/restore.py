@@ -173,7 +173,8 @@ def _measurement(
 ) -> tuple[np.ndarray, np.ndarray | None, float | None]:
     """The measurement `y` to restore, the clean image (with --simulate) and the
     noise std used."""
-    from ._tasks import make_operator, measure
+    from ._task_data import measure
+    from ._tasks import make_operator
 
     task, path = settings["task"], args.image
     if not args.simulate:
@@ -282,7 +283,8 @@ def run(args: argparse.Namespace) -> int:
 
     if not backends_started():
         configure_xla_flags()  # the faster XLA:CPU convolutions; one device is used
-    from ._tasks import at_shape, describe, names, reference
+    from ._task_data import reference
+    from ._tasks import at_shape, describe, names
 
     y, clean, noise = _measurement(args, settings, image)
     model, model_state, step = _restore_model(settings, channels, args.run_dir)

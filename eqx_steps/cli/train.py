@@ -9,7 +9,7 @@ import sys
 import warnings
 from typing import Any, NoReturn
 
-from . import _run_folder as folder, _tasks as tasks
+from . import _run_folder as folder, _task_data as task_data, _tasks as tasks
 from ._data import Data, load_data
 from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
@@ -256,7 +256,9 @@ def _finish(
         if settings["task"] != "denoise":
             title += f"\n{tasks.describe(settings)}"
         shown = {
-            "image": tasks.reference(settings, data.test["image"], data.test["label"]),
+            "image": task_data.reference(
+                settings, data.test["image"], data.test["label"]
+            ),
             "label": data.test["label"],
         }
         folder.write_samples(
