@@ -26,15 +26,14 @@ data-parallel path is the one exercised even on a laptop; XLA reads that setting
 when its backend starts, so the command sets it before anything touches JAX
 ([`eqx_steps.platform.configure_xla_flags`][]).
 
-One module per concern: `_settings` (the settings table, config files), `_main`
-(the parser and the entry point), `_run_folder` (the one writer of `config.json`
-and the pictures), `_data`, `_models`, `_report` (the final table), `_runtime`
-(devices, multi-process start-up), `_tasks` (the deblur and ct tasks: operator,
-network), `_task_data` (their measurements) and one module per command
-(`train`, `evaluate`, `info`, `restore`, `denoise`), each with `add_parser` and
-`run`. The public module
-`eqx_steps.cli.runs` gives the pieces the commands build (settings, data,
-operator, restored state) to scripts and tests.
+One module per concern: `_settings` (the settings table), `_config_file` (`--config`
+files), `_main` (the parser and the entry point), `_run_folder` (the one writer of
+`config.json` and the pictures), `_data`, `_models`, `_report` (the final table),
+`_runtime` (devices, multi-process start-up), `_tasks` (the deblur and ct tasks:
+operator, network), `_task_data` (their measurements) and one module per command
+(`train`, `evaluate`, `info`, `restore`, `denoise`), each with `add_parser` and `run`.
+The public module `eqx_steps.cli.runs` gives the pieces the commands build (settings,
+data, operator, restored state) to scripts and tests.
 """
 
 from ._main import build_parser as build_parser, main as main

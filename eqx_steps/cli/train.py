@@ -10,12 +10,13 @@ import warnings
 from typing import Any, NoReturn
 
 from . import _run_folder as folder, _task_data as task_data, _tasks as tasks
+from ._config_file import read_config_file
 from ._data import Data, load_data
 from ._errors import one_line, reported, UsageError
 from ._models import build_model, resolve
 from ._report import plural, report
 from ._runtime import distributed_args, host, is_main_process, start_jax
-from ._settings import BY_NAME, DEFAULTS, read_config_file, SETTINGS
+from ._settings import BY_NAME, DEFAULTS, SETTINGS
 
 
 # ~15 log points over a run (each evaluates the whole test set).
