@@ -16,8 +16,11 @@ The pieces:
 - `_grain`: `GrainStream` (host batches by global step, validated and cut to
   this process's rows, with the Grain iterator's state after each); it does
   not import Grain.
-- `_common`: `PipelineError`, the trainer's renaming of an input, Grain's absl
-  flags.
+- `_grain_state`: the input state a checkpoint stores (`STATE_FORMAT`), the
+  check that a saved state fits the input it resumes, the gather of every
+  process's state.
+- `_common`: `PipelineError`, the trainer's renaming of an input, the check of
+  one element as a batch, Grain's absl flags.
 - `_grain_iter`: `GrainIter` (items of batches, cast, shaped and placed on the
   devices).
 - `_images`: the streamed image folders (imports Grain), from `_headers` (the
@@ -28,12 +31,9 @@ so `import eqx_steps` and the command's start-up do not load Grain.
 """
 
 from ._common import PipelineError as PipelineError
-from ._grain import (
-    GrainStream as GrainStream,
-    is_grain as is_grain,
-    STATE_FORMAT as STATE_FORMAT,
-)
+from ._grain import GrainStream as GrainStream, is_grain as is_grain
 from ._grain_iter import GrainIter as GrainIter
+from ._grain_state import STATE_FORMAT as STATE_FORMAT
 from ._images import (
     image_folder_dataset as image_folder_dataset,
     ImageFolderDataset as ImageFolderDataset,

@@ -1,10 +1,15 @@
 """What the pipeline modules share: the error of a failed read, the trainer's
-renaming of a Grain input, the kind of a Grain input, and Grain's absl flags."""
+renaming of a Grain input, the kind of a Grain input, the check of one of its
+batches, and Grain's absl flags."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+import jax
+
+from .._iterate_data import host_leaf
 
 
 class PipelineError(RuntimeError):
@@ -65,3 +70,32 @@ def grain_ready() -> None:
 
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+
+
+def host_batch(batch: Any, name: str, batch_size: int | None) -> tuple[Any, int]:
+    """One element of the Grain input `name`, checked to be a batch: a dict of
+    (PyTrees of) arrays with one leading size, as host arrays, and that size."""
+    if not isinstance(batch, Mapping):
+        raise TypeError(
+            f"`{name}` yielded a {type(batch).__name__}; each element of a "
+            "Grain input must be a batch, a dict of arrays such as "
+            "{'image': x, 'label': y}: batch the dataset with "
+            "`.batch(batch_size, drop_remainder=True)`."
+        )
+    batch = {
+        k: jax.tree_util.tree_map_with_path(
+            lambda p, x, k=k: host_leaf(f"{name}[{k!r}]{jax.tree_util.keystr(p)}", x),
+            v,
+        )
+        for k, v in batch.items()
+    }
+    sizes = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(batch)}
+    if len(sizes) != 1:
+        b = batch_size or "batch_size"
+        raise ValueError(
+            f"`{name}` yielded an element whose entries have different "
+            f"leading sizes {sorted(sizes)}: each element of a Grain input must "
+            "be a batch, every array with one row per example; a dataset of "
+            f"single examples must be batched: `.batch({b}, drop_remainder=True)`."
+        )
+    return batch, sizes.pop()

@@ -17,13 +17,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from .._iterate_data import host_leaf, take
+from .._iterate_data import take
 from .._validate import check_int, is_grain as is_grain
-from ._common import grain_ready, kind, PipelineError, Renamed
+from ._common import grain_ready, host_batch, kind, PipelineError, Renamed
+from ._grain_state import own_state, saved_state
 
-
-STATE_FORMAT = 1
-"""The version of the input-pipeline state stored in checkpoints."""
 
 _READ_THREADS = 4
 _READ_BUFFER = 8
@@ -221,33 +219,7 @@ class GrainStream:
     def _accept(self, raw: Any) -> Any:
         """`raw` checked and cut to this process's rows; `None` for the smaller
         last evaluation batch (kept whole in `remainder`)."""
-        batch = self.rename(raw)
-        if not isinstance(batch, Mapping):
-            raise TypeError(
-                f"`{self.name}` yielded a {type(batch).__name__}; each element of a "
-                "Grain input must be a batch, a dict of arrays such as "
-                "{'image': x, 'label': y}: batch the dataset with "
-                "`.batch(batch_size, drop_remainder=True)`."
-            )
-        batch = {
-            k: jax.tree_util.tree_map_with_path(
-                lambda p, x, k=k: host_leaf(
-                    f"{self.name}[{k!r}]{jax.tree_util.keystr(p)}", x
-                ),
-                v,
-            )
-            for k, v in batch.items()
-        }
-        sizes = {int(x.shape[0]) for x in jax.tree_util.tree_leaves(batch)}
-        if len(sizes) != 1:
-            b = self.batch_size or "batch_size"
-            raise ValueError(
-                f"`{self.name}` yielded an element whose entries have different "
-                f"leading sizes {sorted(sizes)}: each element of a Grain input must "
-                "be a batch, every array with one row per example; a dataset of "
-                f"single examples must be batched: `.batch({b}, drop_remainder=True)`."
-            )
-        rows = sizes.pop()
+        batch, rows = host_batch(self.rename(raw), self.name, self.batch_size)
         pc = self.process_count
         if self.batch_size is None:
             self.batch_size = rows
@@ -357,19 +329,14 @@ class GrainStream:
         states of all processes are gathered (a collective: every process
         calls this at the same step).
         """
-        own = self.state_at(step)
-        states = [own]
-        if self.rows == "process" and self.process_count > 1:
-            states = _allgather_json(own)
-        return {
-            "format": STATE_FORMAT,
-            "source": self.kind,
-            "batch_size": self.batch_size,
-            "rows": self.rows,
-            "process_count": self.process_count,
-            "step": step,
-            "states": states,
-        }
+        return saved_state(
+            self.state_at(step),
+            step=step,
+            source=self.kind,
+            batch_size=self.batch_size,
+            rows=self.rows,
+            process_count=self.process_count,
+        )
 
     def restore(self, step: int, saved: Mapping[str, Any] | None) -> None:
         """Continue from the checkpointed state `saved` of global step `step`
@@ -386,46 +353,17 @@ class GrainStream:
             self.pulled, self.passes, self._in_pass = step, 0, 0
             self._states = {step: self._state(None)}
             return
-        where = f"the input-pipeline state of checkpoint step {step}"
-        if (
-            saved.get("format") != STATE_FORMAT
-            or not isinstance(saved.get("states"), list)
-            or not saved["states"]
-        ):
-            raise ValueError(
-                f"{where} has format {saved.get('format')!r}, not {STATE_FORMAT}; "
-                "it was saved by another version of eqx_steps."
-            )
-        if saved.get("source") != self.kind:
-            raise ValueError(
-                f"{where} is of a Grain {saved.get('source')}, but `{self.name}` is a "
-                f"{self.kind}: resume with the same kind of input."
-            )
+        own = own_state(
+            saved,
+            step=step,
+            name=self.name,
+            source=self.kind,
+            batch_size=self.batch_size,
+            process_index=self.process_index,
+            process_count=self.process_count,
+        )
         if self.batch_size is None and isinstance(saved.get("batch_size"), int):
             self.batch_size = saved["batch_size"]  # the first batch is read after
-        if saved.get("batch_size") != self.batch_size:
-            raise ValueError(
-                f"{where} has the global batch size {saved.get('batch_size')}, but "
-                f"this run's is {self.batch_size}; resume with the same "
-                "config['batch_size'] (the batches would differ otherwise)."
-            )
-        states = saved["states"]
-        if saved.get("rows") == "process":
-            if saved.get("process_count") != self.process_count or len(states) != (
-                self.process_count
-            ):
-                raise ValueError(
-                    f"{where} holds per-process pipeline states of "
-                    f"{saved.get('process_count')} processes, but this run has "
-                    f"{self.process_count}: a pipeline sharded by process resumes "
-                    "on the same number of processes only. Resume with "
-                    f"{saved.get('process_count')} processes, or build a pipeline of "
-                    "global batches (every process reads the same pipeline), which "
-                    "resumes on any number of processes and devices."
-                )
-            own = states[self.process_index]
-        else:
-            own = states[0]
         rows = saved.get("rows")
         self._saved_rows = (str(rows), step) if rows else None
         if self.rows is not None:
@@ -435,18 +373,3 @@ class GrainStream:
         self.pulled = step
         self.passes, self._in_pass = int(own["pass"]), int(own["in_pass"])
         self._states = {step: dict(own)}
-
-
-def _allgather_json(value: Any) -> list[Any]:
-    """`value` (JSON) of every process, in process order (a collective)."""
-    from jax.experimental import multihost_utils
-
-    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
-    sizes = multihost_utils.process_allgather(np.int32(data.size))
-    padded = np.zeros(int(np.max(sizes)), np.uint8)
-    padded[: data.size] = data
-    everyone = np.asarray(multihost_utils.process_allgather(padded))
-    return [
-        json.loads(bytes(row[: int(n)]).decode())
-        for row, n in zip(everyone, np.asarray(sizes).reshape(-1))
-    ]
