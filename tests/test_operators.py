@@ -57,16 +57,19 @@ def test_circular_convolve_origin_is_the_corner():
 
 
 def test_power_iteration_matches_scico():
-    """ODP uses the estimate (0.996 for a blur of exact norm 1), not the norm."""
+    """ODP uses the estimate (0.996 for a blur of exact norm 1), not the norm.
+
+    To 1e-5, as the other SCICO figures: 101 float32 FFT products round by the
+    CPU's vector width (1.5e-6 apart on an AVX-512 machine)."""
     gauss = operators.CircularConvolve(DATA["conv_psf"], (32, 32))
     mu, _ = operators.power_iteration(gauss)
-    assert _rel(mu, DATA["norm_mu_gauss32"]) < 1e-6
+    assert _rel(mu, DATA["norm_mu_gauss32"]) < 1e-5
     assert 0.99 < float(mu) < 0.999
     uniform = operators.CircularConvolve(jnp.ones((3, 3)) / 9.0, (32, 32))
     mu, _ = operators.power_iteration(uniform)
-    assert _rel(mu, DATA["norm_mu_uniform32"]) < 1e-6
+    assert _rel(mu, DATA["norm_mu_uniform32"]) < 1e-5
     assert operators.operator_norm(uniform) == pytest.approx(
-        float(np.sqrt(DATA["norm_mu_uniform32"])), rel=1e-6
+        float(np.sqrt(DATA["norm_mu_uniform32"])), rel=1e-5
     )
 
 
