@@ -7,8 +7,7 @@ the leading device axis they expect.
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import equinox as eqx
@@ -71,12 +70,25 @@ def _split_leading(x: Any, n: int) -> Any:
     return x.reshape(n, x.shape[0] // n, *x.shape[1:])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _shard_on_mesh(arrays: list[Any], n: int, sharding: NamedSharding) -> list[Any]:
-    # One compiled call for every JAX leaf: reshaped, and laid out one slice per
-    # device as the parallel steps place a batch (they then keep it as it is).
-    out = [_split_leading(x, n) for x in arrays]
-    return [jax.lax.with_sharding_constraint(y, sharding) for y in out]
+_RESHAPERS: dict[Any, Callable[..., tuple[Any, ...]]] = {}  # per device list
+
+
+def _reshaper(devices: Sequence[Any] | None) -> Callable[..., tuple[Any, ...]]:
+    """One compiled call for every JAX leaf: reshaped to `(n, per_device, ...)` and
+    laid out one slice per device with the very sharding the parallel steps place
+    a batch with (`out_shardings`, not a constraint, which on one device gives
+    `P()`), so that a step takes them as they are."""
+    key = None if devices is None else tuple(devices)
+    fn = _RESHAPERS.get(key)
+    if fn is None:
+        mesh = device_mesh(devices)
+        n = mesh.devices.size
+        fn = jax.jit(
+            lambda *xs: tuple(_split_leading(x, n) for x in xs),
+            out_shardings=NamedSharding(mesh, P(DEVICE_AXIS)),
+        )
+        _RESHAPERS[key] = fn
+    return fn
 
 
 _ONE_CPU: dict[Any, bool] = {}  # per sharding: one CPU device?
@@ -87,9 +99,10 @@ def _host_view(x: jax.Array) -> Any:
     its buffer), else `x`."""
     # A JAX array in this process's CPU memory is read as a NumPy array (no
     # copy): it then takes the NumPy path, placed within the step's own call,
-    # the fastest on XLA:CPU. Arrays on an accelerator are reshaped and laid out
-    # over the devices in one compiled call. This runs once per leaf and step:
-    # the answer is kept per sharding (a process holds only a few).
+    # the quickest on XLA:CPU (a compiled reshape first costs as much, in a
+    # second launch per step). Arrays on an accelerator are reshaped and laid
+    # out over the devices in one compiled call. This runs once per leaf and
+    # step: the answer is kept per sharding (a process holds only a few).
     sharding = x.sharding
     one_cpu = _ONE_CPU.get(sharding)
     if one_cpu is None:
@@ -158,10 +171,8 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
             out.append(x.reshape(n, shape[0] // n, *shape[1:]))
     if on_device:
         placed = None
-        mesh = device_mesh(devices)
         if jax.process_count() == 1 and not any(out[i].committed for i in on_device):
-            sharding = NamedSharding(mesh, P(DEVICE_AXIS))
-            placed = _shard_on_mesh([out[i] for i in on_device], n, sharding)
+            placed = _reshaper(devices)(*(out[i] for i in on_device))
         for j, i in enumerate(on_device):
             out[i] = _split_leading(out[i], n) if placed is None else placed[j]
     return jax.tree_util.tree_unflatten(treedef, out)
