@@ -3,9 +3,13 @@ plain jitted steps (issue 19: JAX-array batches placed with one compiled call,
 as NumPy batches are; target: JAX arrays within 1.2x of the plain step).
 
 Each library case is one call `step(state, es.shard(batch))` per step, the batch
-being the same global batch `(32, 16)` each time, held as:
+being the same global batch `(32, 16)` each time (8 in turn for `jax-fresh`),
+held as:
 
 - `jax`: JAX arrays on the default device (what many Equinox loaders yield);
+- `jax-fresh`: new JAX arrays every step (`jnp.asarray` of one of 8 host
+    batches in turn), as a loader yields them, fed the same way to the plain
+    Equinox step, so that the step may not wait for their transfer;
 - `numpy`: NumPy arrays on the host;
 - `presharded`: the result of `es.shard` computed once, already on the devices
     (the step keeps it as it is): the cost of the step alone.
@@ -18,9 +22,9 @@ rounds interleaved with each case's, so that all see the same load:
     with no PyTree to rebuild after a call;
 - `equinox-jit` (`extra_info["equinox_times"]`): what a plain Equinox loop
     writes, `jax.jit` on the model's arrays (`eqx.partition`) and optax's
-    state, fed the same JAX arrays, returning the updated model and optimizer
-    state (which JAX rebuilds after every call, as the library rebuilds its
-    `TrainState`).
+    state, fed the same JAX arrays (new ones every step for `jax-fresh`),
+    returning the updated model and optimizer state (which JAX rebuilds after
+    every call, as the library rebuilds its `TrainState`).
 
 The ratios (medians) come from those pairs, and each kind's median is also
 compared with the pre-sharded one (the placement's own cost).
@@ -47,13 +51,14 @@ import workloads as w
 import eqx_steps as es
 
 
-KINDS = ("jax", "numpy", "presharded")
+KINDS = ("jax", "jax-fresh", "numpy", "presharded")  # "presharded" last
+FRESH = 8  # host batches that `jax-fresh` turns into JAX arrays in turn
 CALLS, ROUNDS, WARMUP = 200, 15, 2
 _MEDIANS: dict[str, float] = {}  # per kind, for the ratios to "presharded"
 
 
-def _global_batch(sizes: w.Sizes):
-    rng = np.random.default_rng(1)
+def _global_batch(sizes: w.Sizes, seed: int = 1):
+    rng = np.random.default_rng(seed)
     f = sizes.features
     x = rng.normal(size=(sizes.batch, f[0])).astype(np.float32)
     y = rng.normal(size=(sizes.batch, f[-1])).astype(np.float32)
@@ -71,6 +76,17 @@ def _library(kind: str, quick: bool):
     state = w.library_state("tiny", sizes)
     step = w.library_step("train", "pmap")
     holder = [state]
+    if kind == "jax-fresh":
+        fresh = _fresh_batches(sizes)
+
+        def run(n):
+            s = holder[0]
+            for i in range(n):
+                s, m = step(s, es.shard(fresh(i)))
+            holder[0] = s
+            jax.block_until_ready((s, m))
+
+        return run
 
     def run(n):
         s = holder[0]
@@ -81,6 +97,12 @@ def _library(kind: str, quick: bool):
         jax.block_until_ready((s, m))
 
     return run
+
+
+def _fresh_batches(sizes: w.Sizes):
+    """Step `i`'s batch: new JAX arrays from host batch `i % FRESH`."""
+    hosts = [_global_batch(sizes, seed) for seed in range(1, FRESH + 1)]
+    return lambda i: jax.tree_util.tree_map(jnp.asarray, hosts[i % FRESH])
 
 
 def _plain(quick: bool):
@@ -103,9 +125,10 @@ def _plain(quick: bool):
     return run
 
 
-def _equinox(quick: bool):
+def _equinox(quick: bool, fresh: bool = False):
     """A plain Equinox loop's jitted step: `jax.jit` on the model's arrays and
-    optax's state, the rest of the model closed over, the batch as JAX arrays."""
+    optax's state, the rest of the model closed over, the batch as JAX arrays
+    (new ones every step with `fresh`)."""
     sizes = (w.QUICK_SIZES if quick else w.SIZES)["tiny"]
     model, _ = w.library_model("tiny", sizes)
     params, static = eqx.partition(model, eqx.is_array)
@@ -125,13 +148,14 @@ def _equinox(quick: bool):
         return optax.apply_updates(params, updates), opt_state, metrics
 
     batch = jax.tree_util.tree_map(jnp.asarray, _global_batch(sizes))
+    batches = _fresh_batches(sizes) if fresh else lambda i: batch
     holder = [(params, opt_state)]
     throttle = w.Throttle(1)
 
     def run(n):
         p, o = holder[0]
-        for _ in range(n):
-            p, o, metrics = step(p, o, batch)
+        for i in range(n):
+            p, o, metrics = step(p, o, batches(i))
             throttle(metrics)
         holder[0] = (p, o)
         jax.block_until_ready((p, o))
@@ -151,13 +175,14 @@ def test_input_kind(benchmark, kind: str, quick: bool):
         steps_per_round=calls,
         load_avg=os.getloadavg()[0],
         partner="raw-jit (single device, batch on the device)",
-        partner2="equinox-jit (single device, JAX-array batch)",
+        partner2="equinox-jit (single device, JAX-array batch"
+        + (", new every step)" if kind == "jax-fresh" else ")"),
     )
     setup = None
     if not quick:
         import time
 
-        plain, equinox = _plain(quick), _equinox(quick)
+        plain, equinox = _plain(quick), _equinox(quick, fresh=kind == "jax-fresh")
         plain(1)
         equinox(1)
         times: list[float] = []

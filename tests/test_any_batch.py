@@ -14,6 +14,7 @@ import optax
 import pytest
 from helpers import DropNet, loss_metrics, lr_fn, mlp, mse, regression_batch
 from hypothesis import given, settings
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 import eqx_steps as es
 
@@ -99,6 +100,30 @@ def test_any_pytree_batch_round_trips_and_steps_as_the_plain_loop(
     ):
         np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_jax_leaves_on_one_device_are_laid_out_as_the_step_places_a_batch():
+    """One compiled call reshapes JAX leaves into the step's own layout (on one
+    device too, where a sharding constraint would give `P()`), so the step takes
+    them as they are; its result is the NumPy batch's."""
+    rng = np.random.default_rng(0)
+    host = {
+        "image": rng.normal(size=(8, 4)).astype(np.float32),
+        "label": rng.normal(size=(8, 2)).astype(np.float32),
+    }
+    devices = jax.devices()[:1]
+    placed = es.shard(jax.tree_util.tree_map(jnp.asarray, host), devices)
+    layout = NamedSharding(es.device_mesh(devices), P(es.DEVICE_AXIS))
+    for leaf in jax.tree_util.tree_leaves(placed):
+        assert isinstance(leaf, jax.Array) and leaf.sharding == layout
+        assert leaf.shape[0] == 1
+    state = es.TrainState.create(Flat(eqx.nn.Linear(4, 2, key=jax.random.key(0))), SGD)
+    step = _parallel_step(1)
+    a, _ = step(state, placed)
+    b, _ = step(state, es.shard(host, devices))
+    assert eqx.tree_equal(a.model, b.model)
+    with pytest.raises(ValueError, match=r"batch\['label'\]"):
+        es.shard({"image": jnp.zeros((8, 4)), "label": jnp.zeros(())}, devices)
 
 
 def test_pytree_datasets_through_the_iterators():

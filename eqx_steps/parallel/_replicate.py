@@ -97,12 +97,9 @@ _ONE_CPU: dict[Any, bool] = {}  # per sharding: one CPU device?
 def _host_view(x: jax.Array) -> Any:
     """`x` as a NumPy array when it is a JAX array on one CPU device (a view of
     its buffer), else `x`."""
-    # A JAX array in this process's CPU memory is read as a NumPy array (no
-    # copy): it then takes the NumPy path, placed within the step's own call,
-    # the quickest on XLA:CPU (a compiled reshape first costs as much, in a
-    # second launch per step). Arrays on an accelerator are reshaped and laid
-    # out over the devices in one compiled call. This runs once per leaf and
-    # step: the answer is kept per sharding (a process holds only a few).
+    # Several CPU devices: a JAX array in this process's CPU memory is read as a
+    # NumPy array (no copy). This runs once per leaf and step: the answer is
+    # kept per sharding (a process holds only a few).
     sharding = x.sharding
     one_cpu = _ONE_CPU.get(sharding)
     if one_cpu is None:
@@ -119,11 +116,11 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
 
     A batch is any PyTree of arrays with a leading example axis (a dict of
     arrays, a tuple of a model's several inputs, a dict of dicts...). NumPy
-    leaves, and JAX leaves held on one CPU device (read as NumPy arrays without
-    a copy), are reshaped on the host: the parallel steps place them with one
-    compiled call. JAX leaves on an accelerator are reshaped and laid out one
-    slice per device in one compiled call, in the layout the parallel steps
-    expect, so that a step keeps them as they are.
+    leaves are reshaped on the host: the parallel steps place them within their
+    own compiled call. JAX leaves are reshaped and laid out one slice per device
+    in one compiled call, in the layout the parallel steps expect, so that a step
+    takes them as they are; on several CPU devices, JAX leaves held on one CPU
+    device are read as NumPy arrays (without a copy) and take the NumPy path.
 
     **Arguments:**
 
@@ -146,19 +143,30 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
     else:
         n, what = len(check_devices("devices", devices)), "devices"
 
-    # One pass over the leaves (this runs once per step in a training loop):
-    # host leaves reshaped, JAX leaves on one CPU device read as host leaves,
-    # the others kept for one compiled call below. Any fault goes to
-    # `_check_leaves`, which names the leaf by its path.
+    # This runs once per step in a training loop. JAX leaves go to the step
+    # through one compiled call (no wait for their values: a batch just
+    # transferred stays asynchronous), except on several CPU devices, where a
+    # leaf on one CPU device is read as a NumPy array (a view: the step's own
+    # call splits it over the devices, quicker than a second launch on each).
+    # Host leaves are reshaped. Any fault goes to `_check_leaves`, which names
+    # the leaf by its path.
     leaves, treedef = jax.tree_util.tree_flatten(batch)
     if not leaves:
         _check_leaves(batch, n, what)
+    one_process = jax.process_count() == 1
+    if (
+        n == 1
+        and one_process
+        and all(isinstance(x, jax.Array) and x.ndim and not x.committed for x in leaves)
+    ):  # the common case of an Equinox loop on one device: no pass below
+        return treedef.unflatten(_reshaper(devices)(*leaves))
     out: list[Any] = []
-    on_device: list[int] = []  # JAX leaves off the host: one compiled call below
+    on_device: list[int] = []  # JAX leaves: one compiled call below
     for x in leaves:
         if type(x) is not np.ndarray:
             if isinstance(x, jax.Array):
-                x = _host_view(x)
+                if n > 1 or x.committed:
+                    x = _host_view(x)
             elif not isinstance(x, (np.ndarray, np.generic)):
                 _check_leaves(batch, n, what)
         shape: tuple[int, ...] = x.shape
@@ -171,7 +179,7 @@ def shard(batch: PyTree, devices: Sequence[Any] | None = None) -> PyTree:
             out.append(x.reshape(n, shape[0] // n, *shape[1:]))
     if on_device:
         placed = None
-        if jax.process_count() == 1 and not any(out[i].committed for i in on_device):
+        if one_process and not any(out[i].committed for i in on_device):
             placed = _reshaper(devices)(*(out[i] for i in on_device))
         for j, i in enumerate(on_device):
             out[i] = _split_leading(out[i], n) if placed is None else placed[j]
