@@ -195,9 +195,11 @@ class Placement:
     def batch(self, batch: Any) -> Any:
         """The batch on the mesh's devices (arrays already there are kept).
 
-        Host (NumPy) leaves and JAX leaves not committed to a device (what JAX
-        operations make by default) go in one compiled call; only a batch holding
-        arrays committed elsewhere goes through `jax.device_put`.
+        Host (NumPy) leaves, JAX leaves not committed to a device (what JAX
+        operations make by default) and JAX leaves laid out as the step wants but
+        spelt otherwise (`jnp.stack` of placed batches gives `P()` on one device)
+        go in one compiled call; only a batch holding arrays committed elsewhere
+        goes through `jax.device_put`.
         """
         sharding = self.batch_sharding
         if self._one_process:
@@ -207,8 +209,11 @@ class Placement:
             ]
             if all(placed):
                 return batch
-            elsewhere = any(
-                isinstance(x, jax.Array) and x.committed and not ok
+            elsewhere = any(  # a layout merely spelt otherwise is not elsewhere
+                isinstance(x, jax.Array)
+                and x.committed
+                and not ok
+                and not x.sharding.is_equivalent_to(sharding, x.ndim)
                 for x, ok in zip(leaves, placed)
             )
             if not elsewhere:
