@@ -1,8 +1,8 @@
 """The parts of `eqx_steps.checkpoint` behind its public functions.
 
-The work directory and its orbax manager, how leaves are named and compared with
-a checkpoint, the configuration as JSON, and the errors for a corrupt step or a
-failed save.
+The work directory, its complete steps (`latest_step`) and its orbax manager,
+how leaves are named and compared with a checkpoint, the configuration as JSON,
+and the errors for a corrupt step or a failed save.
 """
 
 from __future__ import annotations
@@ -291,3 +291,27 @@ def _compare(path: Path, step: int, target: PyTree, metadata: Any) -> None:
             f"the {where} has a leaf `{name}` that `state` lacks (e.g. another model "
             f"or optimizer){fix}"
         )
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+    """The latest complete checkpoint step in `workdir`.
+
+    **Arguments:**
+
+    - `workdir`: the checkpoint directory.
+
+    **Returns:**
+
+    The step, or `None` when `workdir` does not exist or holds no complete
+    checkpoint.
+    """
+    # A directory listing rather than an orbax manager: a manager synchronises
+    # the processes of a multi-process job, and a process that skipped it (say,
+    # because the folder did not exist yet) would leave the others waiting.
+    # orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to
+    # `<step>` once complete, so the plain numeric names are the complete steps.
+    path = _workdir(workdir)
+    if not path.is_dir():
+        return None
+    steps = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
+    return max(steps, default=None)

@@ -11,13 +11,17 @@ structure) come from the `state` given to `checkpoint_restore`, and loading neve
 runs code. This module writes nothing else in the work directory: a run folder's
 other files (such as a command line's own `config.json`) belong to their writers.
 
+The JSON items beside the state (`config`, the input pipeline's `data`) are
+written here and read back by `load_config` and `load_data_state`
+(`_checkpoint_json.py`); the work directory, its orbax manager and the errors
+of a corrupt step are in `_checkpoint_parts.py`.
+
 Exporting a trained model to one file (`save_model`/`load_model`) lives in
 `eqx_steps.model_file`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import warnings
@@ -30,6 +34,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from ._checkpoint_json import (
+    json_object,
+    load_config as load_config,
+    load_data_state as load_data_state,
+)
 from ._checkpoint_parts import (
     _check_state,
     _compare,
@@ -48,6 +57,7 @@ from ._checkpoint_parts import (
     _workdir,
     check_readable,
     CorruptCheckpointError as CorruptCheckpointError,
+    latest_step as latest_step,
 )
 from ._validate import check_int
 from .state import TrainState
@@ -94,30 +104,6 @@ def prepare_workdir(workdir: str | os.PathLike, *, clean: bool = True) -> list[s
             "choose a folder you can write to, or fix its permissions",
         ) from e
     return _remove_partial(path) if clean else []
-
-
-def latest_step(workdir: str | os.PathLike) -> int | None:
-    """The latest complete checkpoint step in `workdir`.
-
-    **Arguments:**
-
-    - `workdir`: the checkpoint directory.
-
-    **Returns:**
-
-    The step, or `None` when `workdir` does not exist or holds no complete
-    checkpoint.
-    """
-    # A directory listing rather than an orbax manager: a manager synchronises
-    # the processes of a multi-process job, and a process that skipped it (say,
-    # because the folder did not exist yet) would leave the others waiting.
-    # orbax writes a step into `<step>.orbax-checkpoint-tmp*` and renames it to
-    # `<step>` once complete, so the plain numeric names are the complete steps.
-    path = _workdir(workdir)
-    if not path.is_dir():
-        return None
-    steps = [int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit()]
-    return max(steps, default=None)
 
 
 def _save_failed(path: Path, step: int, error: Exception) -> OSError:
@@ -183,7 +169,7 @@ def checkpoint_save(
     """
     _check_state(state)
     if data_state is not None:
-        data_state = _json_object("data_state", data_state)
+        data_state = json_object("data_state", data_state)
     max_to_keep = check_int("max_to_keep", max_to_keep, minimum=1)
     path = _workdir(workdir)
     config_json = _config_dict(config)
@@ -221,20 +207,6 @@ def checkpoint_save(
         except Exception as e:  # orbax and tensorstore raise ValueError, OSError...
             raise _save_failed(path, step, e) from e
     return True
-
-
-def _json_object(name: str, value: Any) -> dict[str, Any]:
-    """`value` checked to be a JSON object (a dict that survives JSON)."""
-    try:
-        ok = isinstance(value, Mapping) and json.loads(json.dumps(value)) == value
-    except (TypeError, ValueError):
-        ok = False
-    if not ok:
-        raise TypeError(
-            f"`{name}` must be a JSON object (a dict of str keys, numbers, strings, "
-            f"lists, dicts and None), got {type(value).__name__}: {value!r:.80}."
-        )
-    return dict(value)
 
 
 class CheckpointFallbackWarning(UserWarning):
@@ -357,95 +329,3 @@ def checkpoint_restore(
         for x, r in zip(leaves, treedef.flatten_up_to(restored))
     ]
     return eqx.combine(jax.tree_util.tree_unflatten(treedef, out), static)
-
-
-def load_config(
-    workdir: str | os.PathLike, *, step: int | None = None
-) -> dict[str, Any]:
-    """Read the configuration stored with a checkpoint in `workdir`.
-
-    **Arguments:**
-
-    - `workdir`: the checkpoint directory.
-    - `step`: the checkpoint step to read; `None` (default) reads the latest one.
-
-    **Returns:**
-
-    The configuration dict given to [`eqx_steps.checkpoint_save`][] (its
-    JSON-representable entries).
-
-    **Raises:**
-
-    - `FileNotFoundError`: `workdir` holds no (such) checkpoint.
-    - `ValueError`: the checkpoint's config item is missing or corrupt.
-    """
-    path = _workdir(workdir)
-    latest = latest_step(path)
-    if step is None:
-        step = latest
-    else:
-        step = check_int("step", step, minimum=0)
-    if step is None or not (path / str(step)).is_dir():
-        what = "no complete checkpoint" if latest is None else f"no step {step}"
-        raise FileNotFoundError(
-            f"checkpoint directory {str(path)!r} holds {what}; the configuration is "
-            "stored with each checkpoint (`checkpoint_save(state, config, workdir)`)."
-        )
-    with _manager(path, create=False) as manager:
-        steps = sorted(manager.all_steps())
-        try:
-            args = ocp.args.Composite(**{_CONFIG: ocp.args.JsonRestore()})
-            config = manager.restore(step, args=args)[_CONFIG]
-        except Exception as e:
-            raise _corrupt(path, step, steps, e) from e
-    if not isinstance(config, dict):
-        raise _corrupt(path, step, steps, TypeError("its config is not a JSON object"))
-    return config
-
-
-def load_data_state(
-    workdir: str | os.PathLike, *, step: int | None = None
-) -> dict[str, Any] | None:
-    """Read the input pipeline's state stored with a checkpoint in `workdir`.
-
-    **Arguments:**
-
-    - `workdir`: the checkpoint directory.
-    - `step`: the checkpoint step to read; `None` (default) reads the latest one.
-
-    **Returns:**
-
-    The `data_state` given to [`eqx_steps.checkpoint_save`][] (for a run of
-    `BasicTrainer` on a Grain input, the state of the input's iterator at that
-    step, see the "Data pipelines" page), or `None` when the step stores none (a
-    run on a dict of arrays, or a checkpoint written before this item existed).
-
-    **Raises:**
-
-    - `FileNotFoundError`: `workdir` holds no (such) checkpoint.
-    - `ValueError`: the item is corrupt.
-    """
-    path = _workdir(workdir)
-    latest = latest_step(path)
-    step = latest if step is None else check_int("step", step, minimum=0)
-    if step is None or not (path / str(step)).is_dir():
-        what = "no complete checkpoint" if latest is None else f"no step {step}"
-        raise FileNotFoundError(
-            f"checkpoint directory {str(path)!r} holds {what}, so no input-pipeline "
-            "state to read."
-        )
-    item = path / str(step) / _DATA
-    if not item.is_dir():
-        return None
-    with _manager(path, create=False) as manager:
-        steps = sorted(manager.all_steps())
-        try:
-            args = ocp.args.Composite(**{_DATA: ocp.args.JsonRestore()})
-            value = manager.restore(step, args=args)[_DATA]
-        except Exception as e:
-            raise _corrupt(path, step, steps, e) from e
-    if not isinstance(value, dict):
-        raise _corrupt(
-            path, step, steps, TypeError("its data item is not a JSON object")
-        )
-    return value
