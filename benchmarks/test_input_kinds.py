@@ -72,27 +72,22 @@ def _library(kind: str, quick: bool):
         batch = host
     else:
         batch = jax.tree_util.tree_map(jnp.asarray, host)
-    presharded = es.shard(batch) if kind == "presharded" else None
+    if kind == "presharded":
+        presharded = es.shard(batch)
+        sharded = lambda i: presharded  # noqa: E731
+    elif kind == "jax-fresh":
+        fresh = _fresh_batches(sizes)
+        sharded = lambda i: es.shard(fresh(i))  # noqa: E731
+    else:
+        sharded = lambda i: es.shard(batch)  # noqa: E731
     state = w.library_state("tiny", sizes)
     step = w.library_step("train", "pmap")
     holder = [state]
-    if kind == "jax-fresh":
-        fresh = _fresh_batches(sizes)
-
-        def run(n):
-            s = holder[0]
-            for i in range(n):
-                s, m = step(s, es.shard(fresh(i)))
-            holder[0] = s
-            jax.block_until_ready((s, m))
-
-        return run
 
     def run(n):
         s = holder[0]
-        for _ in range(n):
-            b = presharded if presharded is not None else es.shard(batch)
-            s, m = step(s, b)
+        for i in range(n):
+            s, m = step(s, sharded(i))
         holder[0] = s
         jax.block_until_ready((s, m))
 
