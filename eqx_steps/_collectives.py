@@ -50,7 +50,7 @@ def _batch_norms_per_device(model: PyTree) -> list[str]:
     ]
 
 
-def _warn_per_device_statistics(model: PyTree, axis_name: AxisName) -> None:
+def warn_per_device_statistics(model: PyTree, axis_name: AxisName) -> None:
     """Warn (once per compiled step) when BatchNorm layers normalise over each
     device's examples only while the step runs on several devices."""
     if _no_collective(axis_name):
@@ -79,7 +79,7 @@ def _no_collective(axis_name: AxisName) -> bool:
     return axis_name is None or jax.lax.axis_size(axis_name) == 1
 
 
-def _pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
+def device_mean(tree: PyTree, axis_name: AxisName) -> PyTree:
     """`lax.pmean` over `axis_name`; the identity when it is `None` or has size 1."""
     if _no_collective(axis_name):
         return tree
@@ -89,7 +89,7 @@ def _pmean(tree: PyTree, axis_name: AxisName) -> PyTree:
     return jax.tree_util.tree_map(lambda x: jax.lax.pmean(x, axis_name), tree)
 
 
-def _mean_model_state(
+def mean_model_state(
     model_state: eqx.nn.State | None, axis_name: AxisName
 ) -> eqx.nn.State | None:
     """Average the floating-point leaves of `model_state` over `axis_name`.
@@ -104,7 +104,7 @@ def _mean_model_state(
     )
 
 
-def _step_key(state: TrainState, axis_name: AxisName) -> PRNGKeyArray | None:
+def step_key(state: TrainState, axis_name: AxisName) -> PRNGKeyArray | None:
     # One key per (step, device); `forward` splits it per example. Derived, not
     # carried, so a resumed run draws exactly the same keys.
     if state.key is None:

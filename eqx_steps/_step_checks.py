@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from .steps import Batch, PostFn
 
 
-def _check_batch(batch: Any, argname: str = "batch") -> None:
+def check_step_batch(batch: Any, argname: str = "batch") -> None:
     """Raise a clear error unless `batch` is a mapping with "image" and "label"."""
     if not isinstance(batch, Mapping):
         raise TypeError(
@@ -52,7 +52,7 @@ def _check_batch(batch: Any, argname: str = "batch") -> None:
         )
 
 
-def _check_callables(**functions: Any) -> None:
+def check_callables(**functions: Any) -> None:
     """Raise `TypeError` naming the first of `functions` that is not callable."""
     for name, fn in functions.items():
         if not callable(fn):
@@ -63,7 +63,7 @@ def _check_callables(**functions: Any) -> None:
             )
 
 
-def _check_post_lst(post_lst: Any) -> tuple[PostFn, ...]:
+def check_post_lst(post_lst: Any) -> tuple[PostFn, ...]:
     """`post_lst` as a tuple, checked to be a sequence of callables."""
     if post_lst is None:
         return ()
@@ -91,7 +91,7 @@ def _model_dtypes(model: PyTree) -> set[Any]:
 STOCK_FORWARDS = (per_example, whole_batch, per_example_args, per_example_kwargs)
 
 
-def _name(model: Any) -> str:
+def model_label(model: Any) -> str:
     return getattr(model, "__name__", None) or type(model).__name__
 
 
@@ -112,7 +112,7 @@ def check_key_convention(model: Any, key: Any, *, training: bool) -> None:
     params = sig.parameters
     takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     param = params.get("key")
-    call = f"`{_name(model)}.__call__{sig}`"
+    call = f"`{model_label(model)}.__call__{sig}`"
     if param is not None and param.kind not in (param.VAR_POSITIONAL,):
         if param.default is param.empty:
             raise TypeError(
@@ -132,7 +132,7 @@ def check_key_convention(model: Any, key: Any, *, training: bool) -> None:
         )
 
 
-def _check_inputs(state: TrainState, batch: Batch, *, training: bool = True) -> None:
+def check_inputs(state: TrainState, batch: Batch, *, training: bool = True) -> None:
     """Check what the stock `forward`s hand the model, before it is traced.
 
     With a stock `forward` ([`eqx_steps.per_example`][],
@@ -184,7 +184,7 @@ def _check_inputs(state: TrainState, batch: Batch, *, training: bool = True) -> 
             )
 
 
-def _apply_forward(
+def apply_forward(
     state: TrainState, model: PyTree, x: PyTree, **kwargs: Any
 ) -> tuple[PyTree, eqx.nn.State | None]:
     """`state.forward(model, state.model_state, x, **kwargs)`, naming the batch when
@@ -232,7 +232,7 @@ def _apply_forward(
         ) from e
 
 
-def _criterion(
+def call_criterion(
     fn: Callable[..., Any], name: str, output: PyTree, label: PyTree, *rest: Any
 ) -> Any:
     """`fn(output, label, *rest)`, naming reversed arguments when the call fails

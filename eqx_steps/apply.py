@@ -26,7 +26,7 @@ from jaxtyping import PyTree
 from ._forward import per_example
 from ._iterate_data import host_leaf
 from ._model_checks import check_model_state
-from ._step_checks import _apply_forward, _check_inputs
+from ._step_checks import apply_forward, check_inputs
 from ._validate import check_bool, check_dataset, check_divisible
 from .checkpoint import checkpoint_restore
 from .evaluate import _eval_iter, _evaluation_pass, evaluate_dataset
@@ -183,9 +183,9 @@ def _output_step(
 
     `{"output": outputs}`, the leading axis the examples of the whole batch.
     """
-    _check_inputs(state, batch, training=False)
+    check_inputs(state, batch, training=False)
     model = eqx.nn.inference_mode(state.model)  # the model itself, any `forward`
-    output, _ = _apply_forward(state, model, batch["image"], inference=True)
+    output, _ = apply_forward(state, model, batch["image"], inference=True)
     if axis_name is not None:
         output = jax.tree_util.tree_map(
             lambda y: jax.lax.all_gather(y, axis_name, tiled=True), output

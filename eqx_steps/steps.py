@@ -18,18 +18,18 @@ import optax
 from jaxtyping import Array, PyTree, Scalar
 
 from ._collectives import (
-    _mean_model_state,
-    _pmean,
-    _step_key,
-    _warn_per_device_statistics,
+    device_mean,
+    mean_model_state,
+    step_key,
+    warn_per_device_statistics,
 )
 from ._step_checks import (
-    _apply_forward,
-    _check_batch,
-    _check_inputs,
-    _check_post_lst,
-    _criterion,
-    _name,
+    apply_forward,
+    call_criterion,
+    check_inputs,
+    check_post_lst,
+    check_step_batch,
+    model_label,
 )
 from .schedules import as_schedule
 from .state import TrainState
@@ -63,7 +63,7 @@ def _injected_learning_rate(opt_state: optax.OptState) -> Scalar | None:
 def _check_trainable(params: PyTree, model: Any) -> None:
     if not jax.tree_util.tree_leaves(params):
         raise ValueError(
-            f"the model ({_name(model)}) has no trainable array: nothing to "
+            f"the model ({model_label(model)}) has no trainable array: nothing to "
             "optimise. Pass an Equinox module holding parameters (e.g. "
             "`eqx.nn.MLP(...)`, not a plain function), or a `trainable` filter that "
             "selects some of its floating-point arrays."
@@ -119,19 +119,19 @@ def train_step(
     `axis_name="batch"` alone give a warning: their statistics are per device
     (`axis_name=("device", "batch")` makes them whole-batch).
     """
-    _check_batch(batch)
-    _check_inputs(state, batch)
+    check_step_batch(batch)
+    check_inputs(state, batch)
     schedule = as_schedule(learning_rate_fn)
     x, label = batch["image"], batch["label"]
     params, static = eqx.partition(state.model, state.trainable)
     _check_trainable(params, state.model)
-    _warn_per_device_statistics(state.model, axis_name)
-    key = _step_key(state, axis_name)
+    warn_per_device_statistics(state.model, axis_name)
+    key = step_key(state, axis_name)
 
     def loss_fn(params):
         model = eqx.combine(params, static)
-        output, model_state = _apply_forward(state, model, x, key=key)
-        loss = _criterion(criterion, "criterion", output, label)
+        output, model_state = apply_forward(state, model, x, key=key)
+        loss = call_criterion(criterion, "criterion", output, label)
         if jnp.shape(loss) != ():
             raise ValueError(
                 f"`criterion` returned an array of shape {jnp.shape(loss)}; it must "
@@ -143,10 +143,10 @@ def train_step(
         params
     )
     if not getattr(state.tx, "reduces_gradients", False):  # ZeRO reduce-scatters
-        grads = _pmean(grads, axis_name)
+        grads = device_mean(grads, axis_name)
     metrics = _metrics(metrics_fn, output, label, criterion, axis_name)
     new_state = state.apply_gradients(
-        grads, model_state=_mean_model_state(model_state, axis_name)
+        grads, model_state=mean_model_state(model_state, axis_name)
     )
     if schedule is None:
         rate = _injected_learning_rate(new_state.opt_state)
@@ -164,8 +164,8 @@ def _metrics(
     criterion: Criterion,
     axis_name: AxisName,
 ) -> Metrics:
-    found = _criterion(metrics_fn, "metrics_fn", output, label, criterion)
-    return dict(_pmean(dict(found), axis_name))
+    found = call_criterion(metrics_fn, "metrics_fn", output, label, criterion)
+    return dict(device_mean(dict(found), axis_name))
 
 
 def _apply_post(model: PyTree, trainable: Any, post_lst: Sequence[PostFn]) -> PyTree:
@@ -226,7 +226,7 @@ def train_step_post(
 
     A 2-tuple of the new state and the metrics of `train_step_fn`.
     """
-    post_lst = _check_post_lst(post_lst)
+    post_lst = check_post_lst(post_lst)
     new_state, metrics = train_step_fn(
         state, batch, learning_rate_fn, criterion, metrics_fn, axis_name=axis_name
     )
@@ -264,11 +264,11 @@ def eval_step(
 
     The dict of metrics.
     """
-    _check_batch(batch)
-    _check_inputs(state, batch, training=False)
+    check_step_batch(batch)
+    check_inputs(state, batch, training=False)
     x, label = batch["image"], batch["label"]
     # Inference mode on the model itself (Dropout off, BatchNorm's running
     # statistics), whatever the `forward` does with its `inference` flag.
     model = eqx.nn.inference_mode(state.model)
-    output, _ = _apply_forward(state, model, x, inference=True)
+    output, _ = apply_forward(state, model, x, inference=True)
     return _metrics(metrics_fn, output, label, criterion, axis_name)

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import jax
 import optax
 
-from .._step_checks import _check_callables, _check_post_lst
+from .._step_checks import check_callables, check_post_lst
 from .._validate import check_bool, check_choice, check_int
 from ..schedules import as_schedule
 from ..state import DEVICE_AXIS, TrainState
@@ -170,10 +170,10 @@ def parallel_train_step(
     A function `(state, batch) -> (state, metrics)`.
     """
     as_schedule(learning_rate_fn)  # checked now, not when the step is traced
-    _check_callables(
+    check_callables(
         criterion=criterion, metrics_fn=metrics_fn, train_step_fn=train_step_fn
     )
-    post = _check_post_lst(post_lst)
+    post = check_post_lst(post_lst)
     if post:
 
         def per_device(state, batch):
@@ -246,7 +246,7 @@ def parallel_eval_step(
     custom `eval_step_fn` gets the whole state.
     """
 
-    _check_callables(
+    check_callables(
         criterion=criterion, metrics_fn=metrics_fn, eval_step_fn=eval_step_fn
     )
 
